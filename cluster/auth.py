@@ -1,0 +1,145 @@
+"""JWT verification for clients (SPEC §5), shared by nodes and routers.
+
+Only the algorithms on the allow-list are accepted (never ``none``), the key
+type must fit the algorithm (an HS256 token is never checked against a public
+key), ``exp`` and ``sub`` are required, ``aud``/``iss`` are checked when set.
+Failures carry a short metric reason; the token itself is never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import jwt
+
+from cluster.protocol import ErrorCode
+from cluster.settings import Settings
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
+ADMIN_ROLE = "admin"
+
+
+class AuthError(Exception):
+    """A token was refused: ``code`` is the protocol error, ``reason`` a metric label."""
+
+    def __init__(self, code: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection is: None user_id means anonymous."""
+
+    user_id: str | None
+    roles: frozenset[str] = frozenset()
+    session_id: str | None = None
+    expires_at: int | None = None  # ms
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_ROLE in self.roles
+
+
+ANONYMOUS = Identity(None)
+
+
+def _load_key(text: str) -> str:
+    if text and "-----BEGIN" not in text and os.path.exists(text):
+        with open(text, encoding="utf-8") as handle:
+            return handle.read()
+    return text
+
+
+class TokenVerifier:
+    """Verifies client JWTs against one configured key and algorithm allow-list."""
+
+    def __init__(self, settings: Settings) -> None:
+        allowed = [a for a in settings.effective_jwt_algorithms if a.lower() != "none"]
+        self._hmac_algorithms = [a for a in allowed if a in HMAC_ALGORITHMS] if settings.jwt_secret else []
+        self._public_algorithms = [a for a in allowed if a in PUBLIC_KEY_ALGORITHMS] if settings.jwt_public_key else []
+        self._secret = settings.jwt_secret
+        self._public_key = _load_key(settings.jwt_public_key)
+        self._audience = settings.jwt_audience or None
+        self._issuer = settings.jwt_issuer or None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._hmac_algorithms or self._public_algorithms)
+
+    def verify(self, token: str) -> Identity:
+        """Return the token's identity or raise :class:`AuthError`."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError(ErrorCode.UNAUTHORIZED, "malformed", "token is not a JWT") from None
+        algorithm = header.get("alg")
+        if algorithm in self._hmac_algorithms:
+            key, algorithms = self._secret, self._hmac_algorithms
+        elif algorithm in self._public_algorithms:
+            key, algorithms = self._public_key, self._public_algorithms
+        else:
+            raise AuthError(ErrorCode.UNAUTHORIZED, "algorithm", "token algorithm is not allowed")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(ErrorCode.TOKEN_EXPIRED, "expired", "token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(ErrorCode.UNAUTHORIZED, "signature", "token signature is invalid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(ErrorCode.UNAUTHORIZED, "claims", f"token lacks the {exc.claim} claim") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise AuthError(ErrorCode.UNAUTHORIZED, "claims", "token audience or issuer is not accepted") from None
+        except jwt.PyJWTError:
+            raise AuthError(ErrorCode.UNAUTHORIZED, "invalid", "token is invalid") from None
+        return _identity(claims)
+
+
+def _identity(claims: dict) -> Identity:
+    sub = claims.get("sub")
+    if type(sub) is not str or not sub or len(sub) > 256:
+        raise AuthError(ErrorCode.UNAUTHORIZED, "claims", "token sub must be a non-empty string")
+    roles = claims.get("roles") or []
+    if type(roles) is not list or any(type(r) is not str for r in roles):
+        raise AuthError(ErrorCode.UNAUTHORIZED, "claims", "token roles must be a list of strings")
+    sid = claims.get("sid")
+    if sid is not None and type(sid) is not str:
+        raise AuthError(ErrorCode.UNAUTHORIZED, "claims", "token sid must be a string")
+    exp = claims["exp"]
+    return Identity(sub, frozenset(roles), sid, int(exp * 1000))
+
+
+def issue_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl_seconds: int = 3600,
+    roles: list[str] | None = None,
+    sid: str | None = None,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A HS256 token for development and tests (``pushctl token``)."""
+    if not secret:
+        raise ValueError("PUSH_JWT_SECRET is not set: there is no key to sign a token with")
+    now = int(time.time())
+    claims: dict = {"sub": sub, "iat": now, "exp": now + ttl_seconds, "roles": roles or []}
+    if sid:
+        claims["sid"] = sid
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,173 @@
+"""``pushctl``: run and poke a delta-push cluster (SPEC §10)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import orjson
+
+from cluster.settings import add_setting_flags, settings_from_args
+
+NODE_FLAGS = None  # every setting is a flag of `pushctl node`
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from cluster.envelope import EnvelopeError
+    from cluster.events import DEFAULT_SOURCE_BY_DOMAIN, SyncEventPublisher
+
+    settings = settings_from_args(args)
+    try:
+        payload = orjson.loads(args.payload)
+    except orjson.JSONDecodeError as exc:
+        print(f"pushctl publish: --payload is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    source = args.source or DEFAULT_SOURCE_BY_DOMAIN.get(args.type.partition(".")[0], "")
+    try:
+        publisher = SyncEventPublisher(settings.redis_url, source or "unknown", allow_unknown=args.allow_unknown)
+        envelope = publisher.publish(
+            args.type,
+            payload,
+            key=args.key,
+            user_id=args.user,
+            session_id=args.session,
+            priority=args.priority,
+            ttl=args.ttl,
+            correlation_id=args.correlation_id,
+        )
+    except (EnvelopeError, ValueError) as exc:
+        print(f"pushctl publish: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pushctl publish: cannot reach Redis: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(envelope).decode())
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from cluster.auth import ADMIN_ROLE, issue_token
+
+    settings = settings_from_args(args)
+    roles = list(args.role or [])
+    if args.admin:
+        roles.append(ADMIN_ROLE)
+    try:
+        token = issue_token(
+            settings.jwt_secret,
+            args.sub,
+            ttl_seconds=args.ttl,
+            roles=roles,
+            sid=args.sid,
+            audience=settings.jwt_audience or None,
+            issuer=settings.jwt_issuer or None,
+        )
+    except ValueError as exc:
+        print(f"pushctl token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    params = {"token": args.token} if args.token else {}
+    received = 0
+    async with aiohttp.ClientSession() as session:
+        try:
+            ws = await session.ws_connect(args.url, params=params, heartbeat=30)
+        except (aiohttp.ClientError, OSError) as exc:
+            print(f"pushctl tail: cannot connect to {args.url}: {exc}", file=sys.stderr)
+            return 1
+        await ws.send_str(orjson.dumps({"action": "subscribe", "channels": args.patterns, "id": "tail"}).decode())
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            doc: dict[str, Any] = orjson.loads(msg.data)
+            action = doc.get("action")
+            if action == "event" or not args.events_only:
+                print(msg.data, flush=True)
+            if action == "event":
+                received += 1
+                if args.count and received >= args.count:
+                    await ws.close()
+                    return 0
+            elif action == "error" and doc.get("id") == "tail" and not doc.get("channels"):
+                return 1
+        code = ws.close_code
+        print(f"pushctl tail: connection closed ({code})", file=sys.stderr)
+        return 0 if code in (1000, None) else 1
+
+
+def _node(args: argparse.Namespace) -> int:
+    from node.app import run
+
+    run(settings_from_args(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pushctl", description="Run and use a delta-push cluster.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    node = commands.add_parser("node", help="run a push node")
+    add_setting_flags(node)
+    node.set_defaults(func=_node)
+
+    publish = commands.add_parser("publish", help="publish one event through the SDK")
+    publish.add_argument("type", help="event type, e.g. order.filled")
+    publish.add_argument("--payload", default="{}", help="payload as JSON")
+    publish.add_argument("--user", help="userId: a private event of that user")
+    publish.add_argument("--key", help="channel key, e.g. BTC/USDT")
+    publish.add_argument("--priority", choices=["p0", "p1", "p2", "p3"])
+    publish.add_argument("--ttl", type=int, help="milliseconds after which the event is not delivered")
+    publish.add_argument("--session", help="sessionId: only that session's connections")
+    publish.add_argument("--correlation-id", dest="correlation_id")
+    publish.add_argument("--source", help="service name (default: the domain's service)")
+    publish.add_argument("--allow-unknown", action="store_true", help="publish unknown types or services")
+    add_setting_flags(publish, ["redis_url"])
+    publish.set_defaults(func=_publish)
+
+    tail = commands.add_parser("tail", help="print live events")
+    tail.add_argument("patterns", nargs="+", metavar="PATTERN")
+    tail.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="router or node WebSocket URL")
+    tail.add_argument("--token", help="JWT (else anonymous: public channels only)")
+    tail.add_argument("--count", type=int, default=0, help="exit after this many events")
+    tail.add_argument("--events-only", action="store_true", help="print only event messages")
+    tail.set_defaults(func=lambda a: _run_async(_tail(a)))
+
+    token = commands.add_parser("token", help="print a dev token signed with PUSH_JWT_SECRET")
+    token.add_argument("--sub", required=True, help="user id")
+    token.add_argument("--admin", action="store_true", help="add the admin role")
+    token.add_argument("--role", action="append", help="another role (repeatable)")
+    token.add_argument("--sid", help="session id claim")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until expiry")
+    add_setting_flags(token, ["jwt_secret", "jwt_audience", "jwt_issuer"])
+    token.set_defaults(func=_token)
+    return parser
+
+
+def _run_async(coro: Any) -> int:
+    from node.app import run_loop
+
+    result: list[int] = []
+
+    async def main() -> None:
+        result.append(await coro)
+
+    try:
+        run_loop(main())
+    except KeyboardInterrupt:
+        return 130
+    return result[0] if result else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The publisher SDK: how platform services publish events (SPEC §2–§3).
+
+    publisher = EventPublisher("redis://127.0.0.1:6379/0", source="order-executor")
+    await publisher.publish("order.filled", {"orderId": "o1"}, user_id="u1", priority="p1")
+
+:class:`SyncEventPublisher` is the same for synchronous code. Both refuse unknown
+event types and services unless ``allow_unknown=True``, build a complete
+envelope, and ``PUBLISH`` it on ``events:<type>[:<key>]``. Any other language
+can publish by doing the same ``PUBLISH`` with a JSON envelope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+
+from cluster.channels import parse_channel
+from cluster.envelope import KNOWN_SERVICES, build_envelope
+from cluster.metrics import EVENTS_PUBLISHED
+
+DEFAULT_SOURCE_BY_DOMAIN = {
+    "order": "order-executor",
+    "risk": "risk-manager",
+    "ai": "nlp-processor",
+    "strategy": "strategy-service",
+    "backtest": "backtest-engine",
+    "market": "market-data-collector",
+    "spirit": "signal-analyzer",
+}
+
+
+def channel_for(event_type: str, key: str | None) -> str:
+    """The event's channel name, validated (``<type>`` or ``<type>:<key>``)."""
+    name = event_type if key is None else f"{event_type}:{key}"
+    parse_channel(name)
+    return name
+
+
+def prepare(
+    event_type: str,
+    payload: Any,
+    *,
+    source: str,
+    key: str | None = None,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    priority: str | None = None,
+    ttl: int | None = None,
+    correlation_id: str | None = None,
+    allow_unknown: bool = False,
+) -> tuple[str, dict[str, Any], bytes]:
+    """(bus channel, envelope, encoded envelope) for one event."""
+    envelope = build_envelope(
+        event_type,
+        payload,
+        source=source,
+        user_id=user_id,
+        session_id=session_id,
+        priority=priority,
+        ttl=ttl,
+        correlation_id=correlation_id,
+        allow_unknown=allow_unknown,
+    )
+    return "events:" + channel_for(event_type, key), envelope, orjson.dumps(envelope)
+
+
+class _PublisherBase:
+    def __init__(self, source: str, allow_unknown: bool) -> None:
+        if not allow_unknown and source not in KNOWN_SERVICES:
+            raise ValueError(f"unknown service {source!r} (pass allow_unknown=True to publish as it anyway)")
+        self.source = source
+        self.allow_unknown = allow_unknown
+
+    def _prepare(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
+        kwargs.setdefault("allow_unknown", self.allow_unknown)
+        return prepare(event_type, payload, source=self.source, **kwargs)
+
+
+class EventPublisher(_PublisherBase):
+    """Publishes events from asyncio code."""
+
+    def __init__(self, redis_url: str, source: str, *, allow_unknown: bool = False) -> None:
+        super().__init__(source, allow_unknown)
+        self._client = aioredis.Redis.from_url(redis_url)
+
+    async def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
+        """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
+        channel, envelope, data = self._prepare(event_type, payload, kwargs)
+        await self._client.publish(channel, data)
+        EVENTS_PUBLISHED.inc()
+        return envelope
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class SyncEventPublisher(_PublisherBase):
+    """Publishes events from synchronous code."""
+
+    def __init__(self, redis_url: str, source: str, *, allow_unknown: bool = False) -> None:
+        super().__init__(source, allow_unknown)
+        self._client = redis.Redis.from_url(redis_url)
+
+    def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
+        channel, envelope, data = self._prepare(event_type, payload, kwargs)
+        self._client.publish(channel, data)
+        EVENTS_PUBLISHED.inc()
+        return envelope
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,32 @@
+"""Prometheus metrics of SPEC §9, defined once for every process.
+
+Names and meanings come from the design document; every process exposes the
+ones it updates at ``/metrics``. Label values are small fixed sets (reasons),
+never user or connection ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+WS_CONNECTIONS = Gauge("ws_connections_total", "Open WebSocket connections on this process.")
+EVENTS_PUBLISHED = Counter("events_published_total", "Events taken from the bus (node) or published (SDK).")
+EVENT_CONSUME_LATENCY = Histogram(
+    "event_consume_latency_seconds",
+    "Event timestamp to written to the socket.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SUBSCRIPTIONS_ACTIVE = Gauge("subscriptions_active", "Active subscriptions (connection x pattern) on this node.")
+EVENTS_DELIVERED = Counter("events_delivered_total", "Event frames written to client sockets.")
+EVENTS_DROPPED = Counter("events_dropped_total", "Events not delivered, by reason.", ["reason"])
+AUTH_FAILURES = Counter("auth_failures_total", "Refused tokens, by reason.", ["reason"])
+CONNECTIONS_REJECTED = Counter(
+    "connections_rejected_total", "Connections refused or closed by policy, by reason.", ["reason"]
+)
+REDIS_RECONNECTS = Counter("redis_reconnects_total", "Times the bus connection was lost and re-established.")
+PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clients, by code.", ["code"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,241 @@
+"""The client wire protocol of SPEC §4: parse client frames, build server frames.
+
+Pure: no I/O and no asyncio, so the parser is fuzzed with hypothesis and the
+node and router are thin I/O layers around it. :func:`parse_client_message`
+returns a typed message or raises :class:`ProtocolError`, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import orjson
+
+from cluster.envelope import PRIORITY_RANK
+
+
+class ErrorCode:
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_MESSAGE = "INVALID_MESSAGE"
+    UNKNOWN_ACTION = "UNKNOWN_ACTION"
+    INVALID_CHANNEL = "INVALID_CHANNEL"
+    FORBIDDEN = "FORBIDDEN"
+    SUBSCRIPTION_LIMIT = "SUBSCRIPTION_LIMIT"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
+    RATE_LIMITED = "RATE_LIMITED"
+    INTERNAL = "INTERNAL"
+
+
+class CloseCode:
+    NORMAL = 1000
+    FLOODING = 1008
+    TOO_BIG = 1009
+    INTERNAL = 1011
+    RECONNECT = 1012
+    UNAUTHORIZED = 4001
+    FORBIDDEN = 4003
+    SLOW_CONSUMER = 4008
+    TOO_MANY_CONNECTIONS = 4029
+
+
+MAX_CHANNELS_PER_MESSAGE = 100
+MAX_REQUEST_ID = 128
+MAX_TOKEN = 8192
+MAX_CURSOR = 512
+
+RequestId = Union[str, int, None]
+
+
+class ProtocolError(Exception):
+    """A client frame that breaks the protocol; becomes an ``error`` message."""
+
+    def __init__(self, code: str, message: str, request_id: RequestId = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    channels: tuple[str, ...]
+    id: RequestId = None
+    priority: int | None = None  # rank: only events of this rank or lower (0 = p0)
+    limit: float | None = None  # events per second for these channels
+    since: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channels: tuple[str, ...]
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+    id: RequestId = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    id: RequestId = None
+
+
+ClientMessage = Union[Subscribe, Unsubscribe, Auth, Ping]
+
+
+def _request_id(doc: dict[str, Any]) -> RequestId:
+    value = doc.get("id")
+    if value is None:
+        return None
+    if type(value) is int or (type(value) is str and len(value) <= MAX_REQUEST_ID):
+        return value
+    raise ProtocolError(
+        ErrorCode.INVALID_MESSAGE, f"id must be a string of at most {MAX_REQUEST_ID} characters or an integer"
+    )
+
+
+def _channels(doc: dict[str, Any], request_id: RequestId) -> tuple[str, ...]:
+    channels = doc.get("channels")
+    if type(channels) is not list or not channels:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "channels must be a non-empty list of strings", request_id)
+    if len(channels) > MAX_CHANNELS_PER_MESSAGE:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"at most {MAX_CHANNELS_PER_MESSAGE} channels per message", request_id
+        )
+    if any(type(c) is not str for c in channels):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "channels must be strings", request_id)
+    return tuple(dict.fromkeys(channels))  # de-duplicated, order kept
+
+
+def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
+    channels = _channels(doc, request_id)
+    options = doc.get("options")
+    if options is None:
+        return Subscribe(channels, request_id)
+    if type(options) is not dict:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options must be an object", request_id)
+    priority = options.get("priority")
+    if priority is not None and (type(priority) is not str or priority not in PRIORITY_RANK):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.priority must be one of p0..p3", request_id)
+    limit = options.get("limit")
+    if limit is not None and (type(limit) not in (int, float) or not 0 < limit <= 1_000_000):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "options.limit must be a positive number of events per second", request_id
+        )
+    since = options.get("since")
+    if since is not None and (type(since) is not str or not 0 < len(since) <= MAX_CURSOR):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.since must be a cursor string", request_id)
+    return Subscribe(
+        channels,
+        request_id,
+        None if priority is None else PRIORITY_RANK[priority],
+        None if limit is None else float(limit),
+        since,
+    )
+
+
+def parse_client_message(data: str | bytes) -> ClientMessage:
+    """Parse one client text frame into a typed message."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON") from None
+    if type(doc) is not dict:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "frame must be a JSON object")
+    request_id = _request_id(doc)
+    action = doc.get("action")
+    if type(action) is not str:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "action is required", request_id)
+    if action == "subscribe":
+        return _subscribe(doc, request_id)
+    if action == "unsubscribe":
+        return Unsubscribe(_channels(doc, request_id), request_id)
+    if action == "auth":
+        token = doc.get("token")
+        if type(token) is not str or not 0 < len(token) <= MAX_TOKEN:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE, "token must be a non-empty string", request_id)
+        return Auth(token, request_id)
+    if action == "ping":
+        return Ping(request_id)
+    raise ProtocolError(ErrorCode.UNKNOWN_ACTION, f"unknown action {action[:64]!r}", request_id)
+
+
+# --- server → client -----------------------------------------------------------
+
+
+def _encode(doc: dict[str, Any]) -> str:
+    return orjson.dumps(doc).decode()
+
+
+def welcome(connection_id: str, node: str, user_id: str | None, expires_at: int | None, limits: dict[str, Any]) -> str:
+    return _encode(
+        {
+            "action": "welcome",
+            "connectionId": connection_id,
+            "node": node,
+            "userId": user_id,
+            "expiresAt": expires_at,
+            "limits": limits,
+        }
+    )
+
+
+def ack(
+    request_id: RequestId,
+    subscribed: list[str] | tuple[str, ...] = (),
+    unsubscribed: list[str] | tuple[str, ...] = (),
+    recovered: dict[str, bool] | None = None,
+) -> str:
+    doc: dict[str, Any] = {
+        "action": "ack",
+        "subscribed": list(subscribed),
+        "unsubscribed": list(unsubscribed),
+        "id": request_id,
+    }
+    if recovered is not None:
+        doc["recovered"] = recovered
+    return _encode(doc)
+
+
+def error(code: str, message: str, request_id: RequestId = None, channels: list[str] | None = None) -> str:
+    doc: dict[str, Any] = {"action": "error", "code": code, "message": message}
+    if channels is not None:
+        doc["channels"] = channels
+    doc["id"] = request_id
+    return _encode(doc)
+
+
+def authenticated(user_id: str, expires_at: int, request_id: RequestId = None) -> str:
+    return _encode({"action": "authenticated", "userId": user_id, "expiresAt": expires_at, "id": request_id})
+
+
+def pong(request_id: RequestId = None) -> str:
+    return _encode({"action": "pong"} if request_id is None else {"action": "pong", "id": request_id})
+
+
+def lagged(dropped: int, reason: str) -> str:
+    return _encode({"action": "lagged", "dropped": dropped, "reason": reason})
+
+
+def reconnect(reason: str) -> str:
+    return _encode({"action": "reconnect", "reason": reason})
+
+
+def event_frame(channel: str, raw_envelope: bytes, cursor: str) -> bytes:
+    """The ``event`` message, embedding the envelope's bytes as received (no re-encoding)."""
+    return b"".join(
+        (
+            b'{"action":"event","channel":',
+            orjson.dumps(channel),
+            b',"data":',
+            raw_envelope,
+            b',"cursor":',
+            orjson.dumps(cursor),
+            b"}",
+        )
+    )

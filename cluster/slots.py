@@ -1,0 +1,108 @@
+"""Cluster-wide per-user connection caps (SPEC §6): leases in Redis.
+
+Each user has a sorted set ``push:conns:<user>`` of connection ids scored by
+lease expiry (Redis server time, so node clocks do not matter). Acquiring is one
+Lua script — drop expired leases, count, add if under the cap — so concurrent
+connects on any nodes are counted exactly. A live node renews its leases every
+third of the lease time; a node that dies stops renewing and its slots expire
+within the lease (30 s by default). Every disconnect path releases its slot.
+
+If Redis is unreachable at connect time the cap fails open (the connection is
+accepted and counted locally) and the next renewal registers it in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import redis.asyncio as aioredis
+
+from cluster.broker import BUS_ERRORS
+from cluster.logs import log
+
+SLOTS_PREFIX = "push:conns:"
+
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + lease, ARGV[i + 1])
+  redis.call('PEXPIRE', key, lease)
+end
+return #KEYS
+"""
+
+RENEW_BATCH = 500
+
+
+class ConnectionSlots:
+    """Counts a user's connections across the cluster (or locally, without Redis)."""
+
+    def __init__(self, client: aioredis.Redis | None, max_per_user: int, lease_seconds: float) -> None:
+        self._client = client
+        self.max_per_user = max_per_user
+        self.lease_ms = int(lease_seconds * 1000)
+        self._local: dict[str, set[str]] = {}  # user -> connection ids held on this node
+        self._acquire = client.register_script(ACQUIRE) if client is not None else None
+        self._renew = client.register_script(RENEW) if client is not None else None
+
+    @property
+    def renew_interval(self) -> float:
+        return self.lease_ms / 3000
+
+    async def acquire(self, user_id: str, connection_id: str) -> bool:
+        """Take one of the user's slots; False if the user is at the cap."""
+        if self._acquire is None:
+            granted = len(self._local.get(user_id, ())) < self.max_per_user
+        else:
+            try:
+                granted = bool(
+                    await self._acquire(
+                        keys=[SLOTS_PREFIX + user_id], args=[connection_id, self.max_per_user, self.lease_ms]
+                    )
+                )
+            except BUS_ERRORS as exc:
+                log("connection_cap_unavailable", logging.WARNING, user=user_id, reason=type(exc).__name__)
+                granted = len(self._local.get(user_id, ())) < self.max_per_user
+        if granted:
+            self._local.setdefault(user_id, set()).add(connection_id)
+        return granted
+
+    async def release(self, user_id: str, connection_id: str) -> None:
+        held = self._local.get(user_id)
+        if held is not None:
+            held.discard(connection_id)
+            if not held:
+                del self._local[user_id]
+        if self._client is not None:
+            try:
+                await self._client.zrem(SLOTS_PREFIX + user_id, connection_id)
+            except BUS_ERRORS:
+                pass  # the lease expires on its own; nothing is leaked
+
+    async def renew_all(self) -> int:
+        """Extend every lease this node holds (and re-register them after a Redis loss)."""
+        if self._renew is None:
+            return 0
+        pairs = [(user, conn) for user, conns in self._local.items() for conn in conns]
+        for batch in _batches(pairs, RENEW_BATCH):
+            await self._renew(keys=[SLOTS_PREFIX + u for u, _ in batch], args=[self.lease_ms, *(c for _, c in batch)])
+        return len(pairs)
+
+
+def _batches(items: list[tuple[str, str]], size: int) -> Iterable[list[tuple[str, str]]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,179 @@
+"""A push node: the aiohttp application, its background tasks, and running it.
+
+Serves ``/ws`` (see :mod:`node.endpoint`), ``/healthz`` (the process is alive),
+``/readyz`` (subscribed to the bus and not draining) and ``/metrics``. On
+SIGTERM/SIGINT it stops accepting, tells every client to ``reconnect`` spread
+over the drain window (close 1012), then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from cluster import protocol
+from cluster.auth import TokenVerifier
+from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
+from cluster.logs import configure, log
+from cluster.metrics import render
+from cluster.settings import Settings
+from cluster.slots import ConnectionSlots
+from node.endpoint import websocket_handler
+from node.hub import Hub
+
+DRAIN_CONCURRENCY = 100
+
+
+class NodeState:
+    """Everything one node holds; shared by its request handlers."""
+
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.node_id = settings.effective_node_id
+        self.broker = broker
+        self.verifier = TokenVerifier(settings)
+        self.hub = Hub(self.node_id, settings.public_domains, settings.max_envelope_bytes)
+        client = broker.client if isinstance(broker, RedisBroker) else None
+        self.slots = ConnectionSlots(client, settings.max_connections_per_user, settings.connection_lease_seconds)
+        self.draining = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def recover(self, conn: object, message: protocol.Subscribe, channels: list[str]) -> dict[str, bool] | None:
+        """Replay history for ``options.since``; without history nothing can be recovered."""
+        if message.since is None:
+            return None
+        return {channel: False for channel in channels}
+
+    async def on_bus_ready(self) -> None:
+        self.hub.epoch = self.broker.epoch
+        with contextlib.suppress(*BUS_ERRORS):
+            await self.slots.renew_all()
+
+    async def start(self) -> None:
+        self.broker.on_ready = self.on_bus_ready
+        self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
+        self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
+
+    async def _renew_slots(self) -> None:
+        while True:
+            await asyncio.sleep(self.slots.renew_interval)
+            try:
+                await self.slots.renew_all()
+            except BUS_ERRORS as exc:
+                log("slot_renewal_failed", logging.WARNING, node=self.node_id, reason=type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Stop accepting and send every client ``reconnect`` + 1012, spread over the window."""
+        self.draining = True
+        connections = list(self.hub.connections.values())
+        log("drain", node=self.node_id, connections=len(connections), seconds=self.settings.drain_seconds)
+        if not connections:
+            return
+        pause = self.settings.drain_seconds / len(connections)
+        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
+
+        async def move(conn: Any) -> None:
+            async with gate:
+                conn.send_control(protocol.reconnect("node is shutting down"))
+                await conn.close(protocol.CloseCode.RECONNECT, "node is shutting down")
+
+        moving = []
+        for conn in connections:
+            moving.append(asyncio.create_task(move(conn)))
+            await asyncio.sleep(pause)
+        await asyncio.gather(*moving, return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    state: NodeState = request.app["state"]
+    return web.json_response({"status": "ok", "node": state.node_id})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state: NodeState = request.app["state"]
+    ready = state.broker.ready.is_set() and not state.draining
+    body = {
+        "status": "ready" if ready else "not ready",
+        "node": state.node_id,
+        "bus": state.broker.ready.is_set(),
+        "draining": state.draining,
+        "connections": len(state.hub.connections),
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+    app = web.Application(client_max_size=settings.max_frame_bytes)
+    state = NodeState(settings, broker or RedisBroker(settings.redis_url))
+    app["state"] = state
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await state.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await state.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(settings: Settings, broker: Broker | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run a node until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
+    app = create_app(settings, broker)
+    state: NodeState = app["state"]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log(
+        "node_started",
+        node=state.node_id,
+        port=settings.port,
+        url=settings.effective_public_url,
+        bus="memory" if isinstance(state.broker, MemoryBroker) else "redis",
+    )
+    await stop.wait()
+    await state.drain()
+    await runner.cleanup()
+    log("node_stopped", node=state.node_id)
+
+
+def run(settings: Settings) -> None:
+    configure(settings.log_level)
+    run_loop(serve(settings))
+
+
+def run_loop(main: Any) -> None:
+    """Run a coroutine on uvloop (asyncio's loop if uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -1,0 +1,258 @@
+"""One client connection on a node: its identity, subscriptions, limits and writer.
+
+Outbound path: the hub hands every matching event's ready-made WebSocket frame
+(the same bytes for every recipient) to :meth:`ClientConnection.offer`. When the
+connection has push tokens, nothing waiting and a draining socket, the frame is
+written to the transport at once. Otherwise it waits in the bounded
+:class:`~node.queue.EventQueue`, drained by a writer task that exists only
+while something waits and writes every frame it may send in one call.
+
+Every drop is counted in ``events_dropped_total{reason}`` and reported to the
+client in one ``lagged`` notice per reason per ``lagged_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from cluster import protocol
+from cluster.auth import Identity
+from cluster.channels import Pattern
+from cluster.limits import TokenBucket
+from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
+from node.queue import EventQueue, QueuedEvent, SlowConsumer
+
+if TYPE_CHECKING:
+    from cluster.settings import Settings
+
+WRITE_HIGH_WATER = 64 * 1024  # bytes in the transport before events wait in the queue
+STALL_POLL_SECONDS = 0.02
+CLOSE_TIMEOUT_SECONDS = 2.0
+
+_DROPPED = {}  # reason -> labelled counter child, resolved once
+
+
+def count_drop(reason: str, n: int = 1) -> None:
+    child = _DROPPED.get(reason)
+    if child is None:
+        child = _DROPPED[reason] = EVENTS_DROPPED.labels(reason)
+    child.inc(n)
+
+
+class Subscription:
+    """One pattern a connection subscribed to, with its options."""
+
+    __slots__ = ("pattern", "max_rank", "bucket")
+
+    def __init__(self, pattern: Pattern, max_rank: int, bucket: TokenBucket | None) -> None:
+        self.pattern = pattern
+        self.max_rank = max_rank  # deliver events with priority rank <= this (3 admits all)
+        self.bucket = bucket  # options.limit, if lower than the connection's rate
+
+
+class ClientConnection:
+    """A connected client and the one place its outbound limits are applied."""
+
+    def __init__(
+        self,
+        connection_id: str,
+        identity: Identity,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        settings: Settings,
+        remote: str | None,
+    ) -> None:
+        self.id = connection_id
+        self.identity = identity
+        self.ws = ws
+        self.transport = transport
+        self.remote = remote
+        self.subscriptions: dict[Pattern, Subscription] = {}
+        self._loop = asyncio.get_running_loop()
+        self.bucket = TokenBucket(settings.events_per_second, settings.events_burst, self._loop.time())
+        self.queue = EventQueue(settings.queue_size, settings.write_buffer_bytes, self._report_drop)
+        self._drainer: asyncio.Task[None] | None = None
+        self._stall_seconds = settings.slow_consumer_seconds
+        self._lagged_interval = settings.lagged_interval
+        self._lagged: dict[str, int] = {}
+        self._lagged_timer: asyncio.TimerHandle | None = None
+        self.closing = False
+
+    # --- identity -------------------------------------------------------------
+
+    @property
+    def user_id(self) -> str | None:
+        return self.identity.user_id
+
+    # --- outbound: the hot path ---------------------------------------------------
+
+    def offer(
+        self,
+        frame: bytes,
+        rank: int,
+        expires_at: int | None,
+        conflate_channel: str | None,
+        bucket: TokenBucket | None,
+        timestamp: int,
+    ) -> bool:
+        """Send or queue one event frame; True if it was written to the socket now."""
+        if self.closing:
+            return False
+        if self._drainer is None and self.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+            now = self._loop.time()
+            if (bucket is None or bucket.wait_time(now) == 0.0) and self.bucket.take(now):
+                if bucket is not None:
+                    bucket.take(now)
+                self.transport.write(frame)
+                return True
+        try:
+            self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp), _now_ms())
+        except SlowConsumer:
+            self.close_slow_consumer("p0 events do not fit in the queue")
+            return False
+        if self._drainer is None:
+            self._drainer = self._loop.create_task(self._drain())
+        return False
+
+    async def _drain(self) -> None:
+        """Write queued events as push tokens and the socket allow; exits when empty."""
+        try:
+            while self.queue.count and not self.closing:
+                if not await self._wait_writable():
+                    return
+                now = self._loop.time()
+                wait = self.bucket.wait_time(now)
+                head = self.queue.peek()
+                if head is not None and head.bucket is not None:
+                    wait = max(wait, head.bucket.wait_time(now))
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                self._write_batch(now)
+        finally:
+            self._drainer = None
+
+    def _write_batch(self, now: float) -> None:
+        """Write every queued frame the limits allow now, in one call."""
+        expired = self.queue.pop_expired(_now_ms())
+        if expired:
+            self._report_drop("expired", expired)
+        frames: list[bytes] = []
+        oldest_timestamp = 0
+        while self.queue.count:
+            head = self.queue.peek()
+            assert head is not None
+            if head.expires_at is not None and head.expires_at < _now_ms():
+                self.queue.pop()
+                self._report_drop("expired", 1)
+                continue
+            if self.bucket.wait_time(now) > 0 or (head.bucket is not None and head.bucket.wait_time(now) > 0):
+                break
+            self.bucket.take(now)
+            if head.bucket is not None:
+                head.bucket.take(now)
+            self.queue.pop()
+            if not frames:
+                oldest_timestamp = head.timestamp
+            frames.append(head.frame)
+        if frames:
+            self.transport.writelines(frames)
+            EVENTS_DELIVERED.inc(len(frames))
+            observe_latency(oldest_timestamp)
+
+    async def _wait_writable(self) -> bool:
+        """Wait until the socket drains below the high-water mark; False if it stalls."""
+        waited = 0.0
+        while self.transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
+            if self.transport.is_closing():
+                return False
+            if waited >= self._stall_seconds:
+                self.close_slow_consumer("socket not draining")
+                return False
+            await asyncio.sleep(STALL_POLL_SECONDS)
+            waited += STALL_POLL_SECONDS
+        return True
+
+    # --- drops and lagged notices -------------------------------------------------
+
+    def _report_drop(self, reason: str, n: int) -> None:
+        count_drop(reason, n)
+        self._lagged[reason] = self._lagged.get(reason, 0) + n
+        if self._lagged_timer is None and not self.closing:
+            self._lagged_timer = self._loop.call_later(self._lagged_interval, self._send_lagged)
+
+    def _send_lagged(self) -> None:
+        self._lagged_timer = None
+        if self.closing or self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
+            self._lagged_timer = self._loop.call_later(self._lagged_interval, self._send_lagged)
+            return  # counts keep adding up until the client reads again
+        notices, self._lagged = self._lagged, {}
+        for reason, dropped in notices.items():
+            self.send_control(protocol.lagged(dropped, reason))
+
+    # --- control messages and closing -------------------------------------------------
+
+    def send_control(self, message: str) -> None:
+        """Send a protocol message (ack, error, pong, lagged): not rate-limited, not queued."""
+        if not self.transport.is_closing():
+            self.transport.write(text_frame(message.encode()))
+
+    def close_slow_consumer(self, reason: str) -> None:
+        self.close_soon(protocol.CloseCode.SLOW_CONSUMER, f"slow consumer: {reason}", drop_reason="slow_consumer")
+
+    def close_soon(self, code: int, reason: str, drop_reason: str | None = None) -> None:
+        """Close from a synchronous context (the hot path): drops what waits, then closes."""
+        if self.closing:
+            return
+        self.closing = True
+        if drop_reason and self.queue.count:
+            count_drop(drop_reason, self.queue.count)
+        self.queue.clear()
+        self._loop.create_task(self.close(code, reason))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closing = True
+        if self._lagged_timer is not None:
+            self._lagged_timer.cancel()
+            self._lagged_timer = None
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), CLOSE_TIMEOUT_SECONDS)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass  # the peer is gone or not reading: abort below
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def release(self) -> None:
+        """Forget everything this connection holds (it has disconnected)."""
+        self.closing = True
+        self.queue.clear()
+        if self._lagged_timer is not None:
+            self._lagged_timer.cancel()
+        if self._drainer is not None:
+            self._drainer.cancel()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) for ``payload``."""
+    length = len(payload)
+    if length < 126:
+        header = bytes((0x81, length))
+    elif length < 65536:
+        header = bytes((0x81, 126)) + length.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + length.to_bytes(8, "big")
+    return header + payload
+
+
+def observe_latency(timestamp_ms: int) -> None:
+    EVENT_CONSUME_LATENCY.observe(max(0.0, (_now_ms() - timestamp_ms) / 1000.0))

@@ -1,0 +1,335 @@
+"""The node's ``/ws`` endpoint: admit a client, then serve its protocol messages.
+
+Admission (SPEC §4–§6) happens after the upgrade so that browsers can see why
+they were refused: Origin allow-list (4003), token (4001), draining (1012),
+cluster-wide connection cap (4029). Then ``welcome``, and one message at a
+time through :func:`cluster.protocol.parse_client_message`. Every bad frame
+gets an ``error`` and the connection keeps serving; floods (1008), oversized
+frames (1009) and expired tokens (4001) close it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSMsgType, web
+
+from cluster import protocol
+from cluster.auth import ANONYMOUS, AuthError, Identity, TokenVerifier
+from cluster.channels import ChannelError, parse_pattern
+from cluster.limits import TokenBucket
+from cluster.logs import log
+from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
+from cluster.protocol import CloseCode, ErrorCode, ProtocolError
+from node.connection import ClientConnection, Subscription
+
+if TYPE_CHECKING:
+    from node.app import NodeState
+
+LOWEST_RANK = 3
+
+
+def token_from_request(request: web.Request) -> str | None:
+    """The JWT from ``?token=`` or ``Authorization: Bearer``, if any."""
+    token = request.query.get("token")
+    if token:
+        return token
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def authenticate(verifier: TokenVerifier, token: str | None, allow_anonymous: bool) -> Identity:
+    """The identity a connect request proves, or AuthError (never logs the token)."""
+    if token is None:
+        if allow_anonymous:
+            return ANONYMOUS
+        raise AuthError(ErrorCode.UNAUTHORIZED, "missing", "a token is required")
+    if not verifier.configured:
+        raise AuthError(ErrorCode.UNAUTHORIZED, "no_key", "this node has no key to verify tokens")
+    return verifier.verify(token)
+
+
+async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code: int, reason: str) -> None:
+    """Refuse a connection after the upgrade: an error message, then the close code."""
+    CONNECTIONS_REJECTED.labels(reason).inc()
+    PROTOCOL_ERRORS.labels(code).inc()
+    try:
+        await ws.send_str(protocol.error(code, message))
+        await asyncio.wait_for(ws.close(code=close_code, message=message.encode()[:120]), 2.0)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass  # the client left first
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    state: NodeState = request.app["state"]
+    settings = state.settings
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat or None,
+        max_msg_size=settings.max_frame_bytes * 4,
+        compress=False,
+        decode_text=False,
+        timeout=2.0,
+    )
+    await ws.prepare(request)
+    remote = request.headers.get("X-Forwarded-For", request.remote or "").split(",")[0].strip() or None
+
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins and origin not in settings.allowed_origins:
+        await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
+        return ws
+    if state.draining:
+        CONNECTIONS_REJECTED.labels("draining").inc()
+        await ws.send_str(protocol.reconnect("node is draining"))
+        await ws.close(code=CloseCode.RECONNECT, message=b"node is draining")
+        return ws
+    try:
+        identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
+    except AuthError as exc:
+        AUTH_FAILURES.labels(exc.reason).inc()
+        log("auth_failure", logging.WARNING, node=state.node_id, reason=exc.reason, remote=remote)
+        await reject(ws, exc.code, exc.message, CloseCode.UNAUTHORIZED, "unauthorized")
+        return ws
+
+    connection_id = secrets.token_hex(8)
+    if identity.user_id is not None and not await state.slots.acquire(identity.user_id, connection_id):
+        log(
+            "connection_rejected",
+            logging.WARNING,
+            node=state.node_id,
+            user=identity.user_id,
+            reason="too_many_connections",
+        )
+        await reject(
+            ws,
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"at most {settings.max_connections_per_user} connections per user",
+            CloseCode.TOO_MANY_CONNECTIONS,
+            "too_many_connections",
+        )
+        return ws
+
+    assert request.transport is not None
+    conn = ClientConnection(connection_id, identity, ws, request.transport, settings, remote)
+    state.hub.add(conn)
+    WS_CONNECTIONS.inc()
+    log("connect", node=state.node_id, connection=conn.id, user=identity.user_id, remote=remote)
+    session = Session(state, conn)
+    reason = "client closed"
+    try:
+        await ws.send_str(
+            protocol.welcome(conn.id, state.node_id, identity.user_id, identity.expires_at, settings.public_limits())
+        )
+        reason = await session.serve()
+    except (ConnectionError, asyncio.CancelledError):
+        reason = "connection lost"
+        raise
+    finally:
+        session.stop()
+        state.hub.remove(conn)
+        conn.release()
+        WS_CONNECTIONS.dec()
+        if conn.user_id is not None:
+            await state.slots.release(conn.user_id, conn.id)
+        log("disconnect", node=state.node_id, connection=conn.id, user=conn.user_id, reason=reason, code=ws.close_code)
+    return ws
+
+
+class Session:
+    """Serves one admitted connection's inbound messages."""
+
+    def __init__(self, state: NodeState, conn: ClientConnection) -> None:
+        self.state = state
+        self.conn = conn
+        settings = state.settings
+        loop = asyncio.get_running_loop()
+        self.inbound = TokenBucket(settings.inbound_per_second, settings.inbound_per_second, loop.time())
+        self._expiry: asyncio.TimerHandle | None = None
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        expires_at = self.conn.identity.expires_at
+        if expires_at is not None:
+            delay = max(0.0, expires_at / 1000 - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        AUTH_FAILURES.labels("expired").inc()
+        log(
+            "auth_failure",
+            logging.WARNING,
+            node=self.state.node_id,
+            connection=self.conn.id,
+            user=self.conn.user_id,
+            reason="expired",
+        )
+        self._error(ErrorCode.TOKEN_EXPIRED, "token expired; send auth with a fresh token before expiresAt")
+        self.conn.close_soon(CloseCode.UNAUTHORIZED, "token expired")
+
+    def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+
+    def _error(
+        self, code: str, message: str, request_id: protocol.RequestId = None, channels: list[str] | None = None
+    ) -> None:
+        PROTOCOL_ERRORS.labels(code).inc()
+        self.conn.send_control(protocol.error(code, message, request_id, channels))
+
+    async def serve(self) -> str:
+        """Read until the client leaves or must be closed; returns why."""
+        ws, conn = self.conn.ws, self.conn
+        max_frame = self.state.settings.max_frame_bytes
+        loop = asyncio.get_running_loop()
+        while True:
+            msg = await ws.receive()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return "client closed"
+            if msg.type is WSMsgType.ERROR:
+                return f"protocol error: {msg.data}"
+            if conn.closing:
+                continue
+            if not self.inbound.take(loop.time()):
+                CONNECTIONS_REJECTED.labels("flooding").inc()
+                self._error(
+                    ErrorCode.RATE_LIMITED, f"more than {self.state.settings.inbound_per_second:g} messages per second"
+                )
+                await conn.close(CloseCode.FLOODING, "flooding")
+                return "flooding"
+            if msg.type is not WSMsgType.TEXT:
+                self._error(ErrorCode.INVALID_MESSAGE, "only text frames carrying JSON are accepted")
+                continue
+            if len(msg.data) > max_frame:
+                self._error(ErrorCode.INVALID_MESSAGE, f"frame exceeds {max_frame} bytes")
+                await conn.close(CloseCode.TOO_BIG, "frame too big")
+                return "frame too big"
+            try:
+                message = protocol.parse_client_message(msg.data)
+            except ProtocolError as exc:
+                self._error(exc.code, exc.message, exc.request_id)
+                continue
+            await self.handle(message)
+
+    async def handle(self, message: protocol.ClientMessage) -> None:
+        if isinstance(message, protocol.Subscribe):
+            await self.subscribe(message)
+        elif isinstance(message, protocol.Unsubscribe):
+            self.unsubscribe(message)
+        elif isinstance(message, protocol.Auth):
+            await self.refresh(message)
+        else:
+            self.conn.send_control(protocol.pong(message.id))
+
+    async def subscribe(self, message: protocol.Subscribe) -> None:
+        conn, hub, settings = self.conn, self.state.hub, self.state.settings
+        invalid: list[str] = []
+        forbidden: list[str] = []
+        over_limit: list[str] = []
+        subscribed: list[str] = []
+        max_rank = LOWEST_RANK if message.priority is None else message.priority
+        for text in message.channels:
+            try:
+                pattern = parse_pattern(text)
+            except ChannelError:
+                invalid.append(text)
+                continue
+            if not hub.may_subscribe(conn, pattern):
+                forbidden.append(text)
+                continue
+            if pattern not in conn.subscriptions and len(conn.subscriptions) >= settings.max_subscriptions:
+                over_limit.append(text)
+                continue
+            bucket = None
+            if message.limit is not None and message.limit < settings.events_per_second:
+                burst = max(1.0, min(float(settings.events_burst), message.limit))
+                bucket = TokenBucket(message.limit, burst, asyncio.get_running_loop().time())
+            hub.subscribe(conn, Subscription(pattern, max_rank, bucket))
+            subscribed.append(text)
+        if subscribed:
+            recovered = await self.state.recover(conn, message, subscribed)
+            conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered))
+            log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)
+        if invalid:
+            self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)
+        if forbidden:
+            self._error(ErrorCode.FORBIDDEN, "a token is required for private channels", message.id, forbidden)
+        if over_limit:
+            self._error(
+                ErrorCode.SUBSCRIPTION_LIMIT,
+                f"at most {settings.max_subscriptions} subscriptions per connection",
+                message.id,
+                over_limit,
+            )
+
+    def unsubscribe(self, message: protocol.Unsubscribe) -> None:
+        removed: list[str] = []
+        invalid: list[str] = []
+        for text in message.channels:
+            try:
+                pattern = parse_pattern(text)
+            except ChannelError:
+                invalid.append(text)
+                continue
+            self.state.hub.unsubscribe(self.conn, pattern)
+            removed.append(text)
+        if removed:
+            self.conn.send_control(protocol.ack(message.id, unsubscribed=removed))
+            log(
+                "unsubscribe",
+                node=self.state.node_id,
+                connection=self.conn.id,
+                user=self.conn.user_id,
+                channels=removed,
+            )
+        if invalid:
+            self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)
+
+    async def refresh(self, message: protocol.Auth) -> None:
+        """Token refresh: same ``sub`` required; an anonymous connection may log in."""
+        conn = self.conn
+        try:
+            identity = authenticate(self.state.verifier, message.token, allow_anonymous=False)
+        except AuthError as exc:
+            AUTH_FAILURES.labels(exc.reason).inc()
+            log(
+                "auth_failure",
+                logging.WARNING,
+                node=self.state.node_id,
+                connection=conn.id,
+                user=conn.user_id,
+                reason=exc.reason,
+            )
+            self._error(exc.code, exc.message, message.id)
+            return
+        if conn.user_id is not None and identity.user_id != conn.user_id:
+            AUTH_FAILURES.labels("sub_mismatch").inc()
+            log(
+                "auth_failure",
+                logging.WARNING,
+                node=self.state.node_id,
+                connection=conn.id,
+                user=conn.user_id,
+                reason="sub_mismatch",
+            )
+            self._error(ErrorCode.UNAUTHORIZED, "a refreshed token must have the same sub", message.id)
+            return
+        if conn.user_id is None and identity.user_id is not None:
+            if not await self.state.slots.acquire(identity.user_id, conn.id):
+                CONNECTIONS_REJECTED.labels("too_many_connections").inc()
+                self._error(ErrorCode.TOO_MANY_CONNECTIONS, "this user has too many connections", message.id)
+                conn.close_soon(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+                return
+        self.state.hub.reidentify(conn, identity)
+        self._arm_expiry()
+        assert identity.user_id is not None and identity.expires_at is not None
+        conn.send_control(protocol.authenticated(identity.user_id, identity.expires_at, message.id))

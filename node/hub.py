@@ -1,0 +1,230 @@
+"""Hub tracks client connections on this node and decides who receives each event.
+
+Connections are indexed by user and subscriptions by normalized pattern, so an
+event costs a handful of dict lookups (the patterns that can match its channel)
+plus the subscribers that matched — never a scan over every connection. A
+private event (one with a ``userId``) only looks at that user's connections and
+at admins. The event frame is encoded once per event and the same bytes are
+handed to every recipient.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable, Iterator
+
+import orjson
+
+from cluster import protocol
+from cluster.broker import EVENTS_PREFIX, LEGACY_CHANNEL
+from cluster.channels import Channel, ChannelError, Pattern, candidate_patterns, parse_channel
+from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legacy
+from cluster.logs import RateLimitedLog
+from cluster.metrics import EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
+from node.connection import ClientConnection, Subscription, count_drop, observe_latency, text_frame
+from node.queue import CONFLATED_TYPES
+
+LEGACY_CHANNEL_BYTES = LEGACY_CHANNEL.encode()
+EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
+CHANNEL_CACHE_SIZE = 10_000
+
+
+class Hub:
+    def __init__(self, node_id: str, public_domains: Iterable[str], max_envelope_bytes: int) -> None:
+        self.node_id = node_id
+        self.public_domains = frozenset(public_domains)
+        self.max_envelope_bytes = max_envelope_bytes
+        self.epoch = ""
+        self.connections: dict[str, ClientConnection] = {}
+        self.by_user: dict[str, set[ClientConnection]] = {}
+        self.admins: set[ClientConnection] = set()
+        self.index: dict[Pattern, dict[ClientConnection, Subscription]] = {}
+        self._channels: dict[bytes, tuple[str, Channel, tuple[Pattern, ...]]] = {}
+        self._log_bad_event = RateLimitedLog(per_second=5)
+
+    # --- connections and subscriptions -------------------------------------------
+
+    def add(self, conn: ClientConnection) -> None:
+        self.connections[conn.id] = conn
+        self._index_identity(conn)
+
+    def remove(self, conn: ClientConnection) -> None:
+        if self.connections.pop(conn.id, None) is None:
+            return
+        for pattern in list(conn.subscriptions):
+            self.unsubscribe(conn, pattern)
+        self._unindex_identity(conn)
+
+    def reidentify(self, conn: ClientConnection, identity: object) -> None:
+        """Swap a connection's identity (token refresh) keeping the indexes right."""
+        self._unindex_identity(conn)
+        conn.identity = identity  # type: ignore[assignment]
+        self._index_identity(conn)
+
+    def _index_identity(self, conn: ClientConnection) -> None:
+        if conn.user_id is not None:
+            self.by_user.setdefault(conn.user_id, set()).add(conn)
+        if conn.identity.is_admin:
+            self.admins.add(conn)
+
+    def _unindex_identity(self, conn: ClientConnection) -> None:
+        if conn.user_id is not None:
+            peers = self.by_user.get(conn.user_id)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.by_user[conn.user_id]
+        self.admins.discard(conn)
+
+    def may_subscribe(self, conn: ClientConnection, pattern: Pattern) -> bool:
+        """Anonymous connections may only name public domains (``*`` is filtered instead)."""
+        if conn.user_id is not None:
+            return True
+        return pattern.domain is None or pattern.domain in self.public_domains
+
+    def subscribe(self, conn: ClientConnection, subscription: Subscription) -> None:
+        pattern = subscription.pattern
+        if pattern not in conn.subscriptions:
+            SUBSCRIPTIONS_ACTIVE.inc()
+        conn.subscriptions[pattern] = subscription
+        self.index.setdefault(pattern, {})[conn] = subscription
+
+    def unsubscribe(self, conn: ClientConnection, pattern: Pattern) -> None:
+        if conn.subscriptions.pop(pattern, None) is None:
+            return
+        SUBSCRIPTIONS_ACTIVE.dec()
+        subscribers = self.index.get(pattern)
+        if subscribers is not None:
+            subscribers.pop(conn, None)
+            if not subscribers:
+                del self.index[pattern]
+
+    # --- events: the hot path ----------------------------------------------------------
+
+    def on_bus_message(self, bus_channel: bytes, data: bytes) -> None:
+        """Parse one bus message once, then deliver it to every local recipient."""
+        try:
+            if bus_channel == LEGACY_CHANNEL_BYTES:
+                envelope = self._parse_legacy(data)
+                name = envelope.type
+                channel = Channel(name, None)
+                candidates = candidate_patterns(channel)
+            else:
+                name, channel, candidates = self._channel(bus_channel)
+                envelope = parse_envelope(data, self.max_envelope_bytes)
+                if envelope.type != channel.type:
+                    raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
+        except (EnvelopeError, ChannelError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "reason", "invalid_channel")
+            count_drop("malformed")
+            self._log_bad_event(
+                "malformed_event",
+                logging.WARNING,
+                node=self.node_id,
+                reason=reason,
+                channel=bus_channel[:200].decode(errors="replace"),
+                detail=str(exc)[:200],
+            )
+            return
+        EVENTS_PUBLISHED.inc()
+        self.dispatch(name, channel, candidates, envelope)
+
+    def dispatch(self, name: str, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope) -> int:
+        """Deliver one parsed event; returns how many connections it was written to now."""
+        if envelope.expires_at is not None and envelope.expires_at < time.time_ns() // 1_000_000:
+            count_drop("expired")
+            return 0
+        recipients = self._recipients(channel, candidates, envelope)
+        if recipients is None:
+            return 0
+        frame = text_frame(protocol.event_frame(name, envelope.raw, f"{self.epoch}:{envelope.id}"))
+        rank, expires_at, timestamp = envelope.priority, envelope.expires_at, envelope.timestamp
+        conflate = name if channel.type in CONFLATED_TYPES else None
+        written = 0
+        for conn, subscription in recipients:
+            if rank > subscription.max_rank:
+                continue
+            if conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp):
+                written += 1
+        if written:
+            EVENTS_DELIVERED.inc(written)
+            observe_latency(timestamp)
+        return written
+
+    def _recipients(
+        self, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope
+    ) -> Iterator[tuple[ClientConnection, Subscription]] | None:
+        if envelope.user_id is not None:
+            return self._private_recipients(candidates, envelope)
+        matched = [subs for pattern in candidates if (subs := self.index.get(pattern))]
+        if not matched:
+            return None
+        if len(matched) == 1:
+            pairs: Iterable[tuple[ClientConnection, Subscription]] = matched[0].items()
+        else:
+            pairs = _merge(matched, envelope.priority).items()
+        if envelope.session_id is not None:
+            sid = envelope.session_id
+            return ((c, s) for c, s in pairs if c.identity.session_id == sid or c.identity.is_admin)
+        if channel.domain in self.public_domains:
+            return iter(pairs)
+        return ((c, s) for c, s in pairs if c.identity.user_id is not None)
+
+    def _private_recipients(
+        self, candidates: tuple[Pattern, ...], envelope: Envelope
+    ) -> Iterator[tuple[ClientConnection, Subscription]]:
+        """Only the event's user and admins can receive it: look at those, not at subscribers."""
+        owners = self.by_user.get(envelope.user_id or "", ())
+        sid = envelope.session_id
+        for conn in (*owners, *(a for a in self.admins if a.user_id != envelope.user_id)):
+            if sid is not None and conn.identity.session_id != sid and not conn.identity.is_admin:
+                continue
+            subscription = _best_subscription(conn, candidates, envelope.priority)
+            if subscription is not None:
+                yield conn, subscription
+
+    def _channel(self, bus_channel: bytes) -> tuple[str, Channel, tuple[Pattern, ...]]:
+        cached = self._channels.get(bus_channel)
+        if cached is not None:
+            return cached
+        if not bus_channel.startswith(EVENTS_PREFIX_BYTES):
+            raise ChannelError("not an events channel")
+        name = bus_channel[len(EVENTS_PREFIX_BYTES) :].decode()
+        channel = parse_channel(name)
+        if len(self._channels) >= CHANNEL_CACHE_SIZE:
+            self._channels.clear()
+        entry = self._channels[bus_channel] = (name, channel, candidate_patterns(channel))
+        return entry
+
+    def _parse_legacy(self, data: bytes) -> Envelope:
+        if len(data) > self.max_envelope_bytes:
+            raise EnvelopeError("too_large", "legacy message too large")
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise EnvelopeError("invalid_json", "legacy message is not JSON") from None
+        return wrap_legacy(message, data)
+
+
+def _best_subscription(conn: ClientConnection, candidates: tuple[Pattern, ...], rank: int) -> Subscription | None:
+    """The connection's subscription that matches and admits this priority, if any."""
+    found = None
+    for pattern in candidates:
+        subscription = conn.subscriptions.get(pattern)
+        if subscription is not None:
+            if rank <= subscription.max_rank:
+                return subscription
+            found = subscription
+    return found
+
+
+def _merge(matched: list[dict[ClientConnection, Subscription]], rank: int) -> dict[ClientConnection, Subscription]:
+    """One subscription per connection when several of its patterns match: one that admits the event."""
+    merged: dict[ClientConnection, Subscription] = {}
+    for subscribers in matched:
+        for conn, subscription in subscribers.items():
+            current = merged.get(conn)
+            if current is None or (current.max_rank < rank <= subscription.max_rank):
+                merged[conn] = subscription
+    return merged
