@@ -30,3 +30,9 @@ PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clien
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
+
+# --- router (SPEC §7) ---------------------------------------------------------------
+ROUTER_ROUTES = Counter("router_routes_total", "Connections and route lookups sent to each node.", ["node"])
+ROUTER_PROXIED_CONNECTIONS = Gauge("router_proxied_connections", "WebSocket connections the router is relaying, per node.", ["node"])
+ROUTER_PROXY_ERRORS = Counter("router_proxy_errors_total", "Failures to open or relay a proxied connection, by reason.", ["reason"])
+ROUTER_NODES = Gauge("router_nodes", "Live nodes in the router's ring.")

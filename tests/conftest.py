@@ -1,0 +1,340 @@
+"""Fixtures that start real processes: a private redis-server and `pushctl node`s.
+
+Nothing here is mocked: tests speak the wire protocol over TCP to real nodes
+that use a real Redis started on a free port, so Redis can be killed and
+restarted under a live subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+PUSHCTL = [sys.executable, "-m", "cluster.cli"]
+JWT_SECRET = "test-secret-for-delta-push-0123456789abcdef"
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Any, timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+async def async_wait_until(condition: Any, timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+class RedisProcess:
+    """A private redis-server on a free port that tests may stop and start again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        wait_until(up, START_TIMEOUT, message="redis-server to start")
+        client.close()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+class NodeProcess:
+    """A `pushctl node` subprocess."""
+
+    def __init__(self, port: int, node_id: str, redis_url: str, env: dict[str, str], args: list[str]) -> None:
+        self.port = port
+        self.node_id = node_id
+        self.redis_url = redis_url
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        self.http = f"http://127.0.0.1:{port}"
+        self.env = env
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(f"/tmp/delta-push-test-node-{node_id}-{port}.log")
+
+    def start(self) -> None:
+        cmd = [*PUSHCTL, "node", "--port", str(self.port), "--node-id", self.node_id, "--redis-url", self.redis_url]
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.ready, START_TIMEOUT, message=f"node {self.node_id} /readyz")
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            with urllib.request.urlopen(self.http + "/readyz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log().splitlines():
+            try:
+                lines.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+        return lines
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.http + "/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample, 0 if absent."""
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if key == wanted:
+                return float(value)
+        return 0.0
+
+    def stop(self, sig: int | None = None) -> int | None:
+        if self.proc is None:
+            return None
+        if sig is None:
+            self.proc.terminate()
+        else:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.proc = None
+        return code
+
+
+def node_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
+    env.update({"PUSH_JWT_SECRET": JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", "PYTHONPATH": str(ROOT)})
+    env.update(settings)
+    return env
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    server = RedisProcess(free_port())
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own, for tests that kill or flush it."""
+    server = RedisProcess(free_port())
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def start_node(redis_server: RedisProcess) -> Iterator[Any]:
+    """Start `pushctl node` processes: start_node(node_id=..., redis=..., env={...}, args=[...])."""
+    started: list[NodeProcess] = []
+
+    def start(node_id: str | None = None, redis: RedisProcess | None = None, args: list[str] | None = None, **env: str) -> NodeProcess:
+        node = NodeProcess(
+            free_port(),
+            node_id or f"node-{len(started) + 1}",
+            (redis or redis_server).url,
+            node_env(**env),
+            args or [],
+        )
+        started.append(node)
+        node.start()
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_node(redis_server: RedisProcess) -> Iterator[NodeProcess]:
+    """One node for a whole module of tests that do not change its settings."""
+    node = NodeProcess(free_port(), "shared", redis_server.url, node_env(), [])
+    node.start()
+    yield node
+    node.stop()
+
+
+def token(sub: str, ttl: int = 3600, roles: list[str] | None = None, sid: str | None = None, secret: str = JWT_SECRET) -> str:
+    from cluster.auth import issue_token
+
+    return issue_token(secret, sub, ttl_seconds=ttl, roles=roles, sid=sid)
+
+
+class WsClient:
+    """A test client speaking the wire protocol."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+        self.welcome: dict[str, Any] = {}
+
+    async def send(self, doc: dict[str, Any] | str) -> None:
+        await self.ws.send_str(doc if isinstance(doc, str) else orjson.dumps(doc).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            raise ConnectionClosed(self.ws.close_code, msg)
+        return orjson.loads(msg.data)
+
+    async def recv_action(self, action: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next message with this action (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = await self.recv(max(0.01, deadline - time.monotonic()))
+            if doc.get("action") == action:
+                return doc
+
+    async def subscribe(self, channels: list[str], request_id: str = "s", **options: Any) -> dict[str, Any]:
+        message: dict[str, Any] = {"action": "subscribe", "channels": channels, "id": request_id}
+        if options:
+            message["options"] = options
+        await self.send(message)
+        return await self.recv_action("ack")
+
+    async def events(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        received = []
+        deadline = time.monotonic() + timeout
+        while len(received) < count:
+            received.append(await self.recv_action("event", max(0.01, deadline - time.monotonic())))
+        return received
+
+    async def no_event(self, within: float = 0.5) -> None:
+        """Assert that no event arrives within ``within`` seconds."""
+        try:
+            doc = await self.recv_action("event", within)
+        except (asyncio.TimeoutError, TimeoutError):
+            return
+        raise AssertionError(f"unexpected event: {doc}")
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close; returns the close code."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.ws.receive(timeout=max(0.01, deadline - time.monotonic()))
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+                return self.ws.close_code
+            if msg.type is aiohttp.WSMsgType.ERROR:
+                return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+
+class ConnectionClosed(Exception):
+    def __init__(self, code: int | None, msg: Any) -> None:
+        super().__init__(f"connection closed ({code}): {msg}")
+        self.code = code
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Any]:
+    """connect(node_or_url, token=None, headers=None, expect_welcome=True) -> WsClient."""
+    clients: list[WsClient] = []
+
+    async def open_client(target: Any, token: str | None = None, headers: dict[str, str] | None = None,
+                          expect_welcome: bool = True) -> WsClient:
+        url = target if isinstance(target, str) else target.url
+        session = aiohttp.ClientSession()
+        params = {"token": token} if token else None
+        ws = await session.ws_connect(url, params=params, headers=headers, autoclose=False, max_msg_size=0)
+        client = WsClient(session, ws)
+        clients.append(client)
+        if expect_welcome:
+            client.welcome = await client.recv()
+            assert client.welcome["action"] == "welcome", client.welcome
+        return client
+
+    yield open_client
+    for client in clients:
+        await client.close()
+
+
+def publish_raw(redis_url: str, channel: str, data: bytes | str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.publish(channel, data))
+    finally:
+        client.close()
+
+
+def publish(redis_url: str, event_type: str, payload: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Publish one event through the SDK; returns the envelope."""
+    from cluster.events import DEFAULT_SOURCE_BY_DOMAIN, SyncEventPublisher
+
+    publisher = SyncEventPublisher(redis_url, DEFAULT_SOURCE_BY_DOMAIN[event_type.partition(".")[0]])
+    try:
+        return publisher.publish(event_type, payload if payload is not None else {}, **kwargs)
+    finally:
+        publisher.close()
