@@ -66,6 +66,7 @@ TYPE_RE = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\Z")
 SOURCE_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 MAX_ID_FIELD = 256  # userId, sessionId, correlationId
+MAX_ENVELOPE_BYTES = 65536  # SPEC §2 default; nodes take theirs from settings
 
 
 class EnvelopeError(ValueError):
@@ -178,6 +179,7 @@ def build_envelope(
     ttl: int | None = None,
     correlation_id: str | None = None,
     allow_unknown: bool = False,
+    max_bytes: int = MAX_ENVELOPE_BYTES,
 ) -> dict[str, Any]:
     """A new envelope for a publisher; refuses unknown types/services unless allowed."""
     if not allow_unknown and event_type not in KNOWN_TYPES:
@@ -205,6 +207,12 @@ def build_envelope(
     }
     doc.update({k: v for k, v in optional.items() if v is not None})
     validate(doc, b"")  # the SDK never publishes what a node would drop
+    try:
+        size = len(orjson.dumps(doc))
+    except orjson.JSONEncodeError as exc:
+        raise EnvelopeError("invalid_payload", f"payload is not JSON: {exc}") from None
+    if size > max_bytes:
+        raise EnvelopeError("too_large", f"envelope is {size} bytes of JSON; nodes drop envelopes over {max_bytes}")
     return doc
 
 
