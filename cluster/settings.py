@@ -41,6 +41,9 @@ class Settings:
     public_url: str = _setting(
         "", "PUSH_PUBLIC_URL", "WebSocket URL clients use to reach this node; default: ws://127.0.0.1:PORT/ws."
     )
+    internal_url: str = _setting(
+        "", "PUSH_INTERNAL_URL", "HTTP URL routers use to reach this node; default: http://127.0.0.1:PORT."
+    )
     listen_backlog: int = _setting(8192, "PUSH_LISTEN_BACKLOG", "TCP listen backlog; sized for reconnect storms.")
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis event bus.")
     # --- authentication ------------------------------------------------------
@@ -114,6 +117,12 @@ class Settings:
     router_ip_burst: int = _setting(
         200, "PUSH_ROUTER_IP_BURST", "Burst of new connections per client IP at the router."
     )
+    router_trust_forwarded_for: bool = _setting(
+        False,
+        "PUSH_ROUTER_TRUST_FORWARDED_FOR",
+        "Take the client IP from the last X-Forwarded-For entry (only behind a proxy that sets it).",
+        _bool,
+    )
     # --- recovery --------------------------------------------------------------
     history_size: int = _setting(1000, "PUSH_HISTORY_SIZE", "Events kept per channel for recovery.")
     history_seconds: int = _setting(300, "PUSH_HISTORY_SECONDS", "Seconds events are kept per channel for recovery.")
@@ -139,6 +148,10 @@ class Settings:
     @property
     def effective_public_url(self) -> str:
         return self.public_url or f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def effective_internal_url(self) -> str:
+        return (self.internal_url or f"http://127.0.0.1:{self.port}").rstrip("/")
 
     @property
     def effective_jwt_algorithms(self) -> tuple[str, ...]:

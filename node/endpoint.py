@@ -25,7 +25,7 @@ from cluster.limits import TokenBucket
 from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
 from cluster.protocol import CloseCode, ErrorCode, ProtocolError
-from node.connection import ClientConnection, Subscription
+from node.connection import PACING_MARGIN, ClientConnection, Subscription
 
 if TYPE_CHECKING:
     from node.app import NodeState
@@ -137,7 +137,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         WS_CONNECTIONS.dec()
         if conn.user_id is not None:
             await state.slots.release(conn.user_id, conn.id)
-        log("disconnect", node=state.node_id, connection=conn.id, user=conn.user_id, reason=reason, code=ws.close_code)
+        log("disconnect", node=state.node_id, connection=conn.id, user=conn.user_id, reason=reason, code=conn.close_code or ws.close_code)
     return ws
 
 
@@ -194,7 +194,7 @@ class Session:
         while True:
             msg = await ws.receive()
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                return "client closed"
+                return conn.close_reason or "client closed"
             if msg.type is WSMsgType.ERROR:
                 return f"protocol error: {msg.data}"
             if conn.closing:
@@ -252,7 +252,7 @@ class Session:
             bucket = None
             if message.limit is not None and message.limit < settings.events_per_second:
                 burst = max(1.0, min(float(settings.events_burst), message.limit))
-                bucket = TokenBucket(message.limit, burst, asyncio.get_running_loop().time())
+                bucket = TokenBucket(message.limit * PACING_MARGIN, burst, asyncio.get_running_loop().time())
             hub.subscribe(conn, Subscription(pattern, max_rank, bucket))
             subscribed.append(text)
         if subscribed:
