@@ -323,12 +323,12 @@ class Session:
             )
             self._error(ErrorCode.UNAUTHORIZED, "a refreshed token must have the same sub", message.id)
             return
-        if conn.user_id is None and identity.user_id is not None:
-            if not await self.state.slots.acquire(identity.user_id, conn.id):
-                CONNECTIONS_REJECTED.labels("too_many_connections").inc()
-                self._error(ErrorCode.TOO_MANY_CONNECTIONS, "this user has too many connections", message.id)
-                conn.close_soon(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
-                return
+        logging_in = conn.user_id is None and identity.user_id is not None
+        if logging_in and not await self.state.slots.acquire(identity.user_id, conn.id):
+            CONNECTIONS_REJECTED.labels("too_many_connections").inc()
+            self._error(ErrorCode.TOO_MANY_CONNECTIONS, "this user has too many connections", message.id)
+            conn.close_soon(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+            return
         self.state.hub.reidentify(conn, identity)
         self._arm_expiry()
         assert identity.user_id is not None and identity.expires_at is not None

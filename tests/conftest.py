@@ -273,7 +273,7 @@ class WsClient:
         """Assert that no event arrives within ``within`` seconds."""
         try:
             doc = await self.recv_action("event", within)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return
         raise AssertionError(f"unexpected event: {doc}")
 

@@ -38,7 +38,7 @@ async def collect(client, until: float, stop_when=None) -> list[tuple[float, dic
     while time.monotonic() < until:
         try:
             doc = await client.recv(timeout=max(0.01, until - time.monotonic()))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             break
         received.append((time.time(), doc))
         if stop_when is not None and stop_when(received):
