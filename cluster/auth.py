@@ -56,11 +56,27 @@ def _load_key(text: str) -> str:
     return text
 
 
+def _allowed_algorithms(settings: Settings) -> tuple[str, ...]:
+    """The explicit allow-list, else the defaults of every configured key.
+
+    With both a secret and a public key, HS256 *and* RS256/ES256 are accepted:
+    each algorithm is still checked only against its own kind of key.
+    """
+    if settings.jwt_algorithms:
+        return settings.jwt_algorithms
+    defaults: list[str] = []
+    if settings.jwt_secret:
+        defaults.append("HS256")
+    if settings.jwt_public_key:
+        defaults.extend(("RS256", "ES256"))
+    return tuple(defaults)
+
+
 class TokenVerifier:
     """Verifies client JWTs against one configured key and algorithm allow-list."""
 
     def __init__(self, settings: Settings) -> None:
-        allowed = [a for a in settings.effective_jwt_algorithms if a.lower() != "none"]
+        allowed = [a for a in _allowed_algorithms(settings) if a.lower() != "none"]
         self._hmac_algorithms = [a for a in allowed if a in HMAC_ALGORITHMS] if settings.jwt_secret else []
         self._public_algorithms = [a for a in allowed if a in PUBLIC_KEY_ALGORITHMS] if settings.jwt_public_key else []
         self._secret = settings.jwt_secret
