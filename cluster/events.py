@@ -5,8 +5,10 @@
 
 :class:`SyncEventPublisher` is the same for synchronous code. Both refuse unknown
 event types and services unless ``allow_unknown=True``, build a complete
-envelope, and ``PUBLISH`` it on ``events:<type>[:<key>]``. Any other language
-can publish by doing the same ``PUBLISH`` with a JSON envelope.
+envelope, append it to the channel's bounded history and ``PUBLISH`` it on
+``events:<type>[:<key>]`` in one Lua script (see :mod:`cluster.history`).
+Any other language can publish live-only with a plain ``PUBLISH`` of a JSON
+envelope, or with history by running the same script.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import redis.asyncio as aioredis
 
 from cluster.channels import parse_channel
 from cluster.envelope import KNOWN_SERVICES, build_envelope
+from cluster.history import PUBLISH_SCRIPT, publish_args, publish_keys
 from cluster.metrics import EVENTS_PUBLISHED
+from cluster.settings import Settings
+
+_DEFAULTS = Settings()
 
 DEFAULT_SOURCE_BY_DOMAIN = {
     "order": "order-executor",
@@ -52,7 +58,7 @@ def prepare(
     correlation_id: str | None = None,
     allow_unknown: bool = False,
 ) -> tuple[str, dict[str, Any], bytes]:
-    """(bus channel, envelope, encoded envelope) for one event."""
+    """(channel, envelope, encoded envelope) for one event."""
     envelope = build_envelope(
         event_type,
         payload,
@@ -64,15 +70,21 @@ def prepare(
         correlation_id=correlation_id,
         allow_unknown=allow_unknown,
     )
-    return "events:" + channel_for(event_type, key), envelope, orjson.dumps(envelope)
+    return channel_for(event_type, key), envelope, orjson.dumps(envelope)
 
 
 class _PublisherBase:
-    def __init__(self, source: str, allow_unknown: bool) -> None:
+    def __init__(self, source: str, allow_unknown: bool, history_size: int | None, history_seconds: int | None) -> None:
         if not allow_unknown and source not in KNOWN_SERVICES:
             raise ValueError(f"unknown service {source!r} (pass allow_unknown=True to publish as it anyway)")
         self.source = source
         self.allow_unknown = allow_unknown
+        self.history_size = history_size or _DEFAULTS.history_size
+        self.history_seconds = history_seconds or _DEFAULTS.history_seconds
+
+    def _script_call(self, channel: str, envelope: dict[str, Any], data: bytes) -> tuple[list[str], list[object]]:
+        keys = publish_keys(channel)
+        return keys, publish_args(channel, data, envelope["id"], self.history_size, self.history_seconds)
 
     def _prepare(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
         kwargs.setdefault("allow_unknown", self.allow_unknown)
@@ -82,14 +94,24 @@ class _PublisherBase:
 class EventPublisher(_PublisherBase):
     """Publishes events from asyncio code."""
 
-    def __init__(self, redis_url: str, source: str, *, allow_unknown: bool = False) -> None:
-        super().__init__(source, allow_unknown)
+    def __init__(
+        self,
+        redis_url: str,
+        source: str,
+        *,
+        allow_unknown: bool = False,
+        history_size: int | None = None,
+        history_seconds: int | None = None,
+    ) -> None:
+        super().__init__(source, allow_unknown, history_size, history_seconds)
         self._client = aioredis.Redis.from_url(redis_url)
+        self._script = self._client.register_script(PUBLISH_SCRIPT)
 
     async def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
         """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
         channel, envelope, data = self._prepare(event_type, payload, kwargs)
-        await self._client.publish(channel, data)
+        keys, args = self._script_call(channel, envelope, data)
+        await self._script(keys=keys, args=args)
         EVENTS_PUBLISHED.inc()
         return envelope
 
@@ -100,13 +122,23 @@ class EventPublisher(_PublisherBase):
 class SyncEventPublisher(_PublisherBase):
     """Publishes events from synchronous code."""
 
-    def __init__(self, redis_url: str, source: str, *, allow_unknown: bool = False) -> None:
-        super().__init__(source, allow_unknown)
+    def __init__(
+        self,
+        redis_url: str,
+        source: str,
+        *,
+        allow_unknown: bool = False,
+        history_size: int | None = None,
+        history_seconds: int | None = None,
+    ) -> None:
+        super().__init__(source, allow_unknown, history_size, history_seconds)
         self._client = redis.Redis.from_url(redis_url)
+        self._script = self._client.register_script(PUBLISH_SCRIPT)
 
     def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
         channel, envelope, data = self._prepare(event_type, payload, kwargs)
-        self._client.publish(channel, data)
+        keys, args = self._script_call(channel, envelope, data)
+        self._script(keys=keys, args=args)
         EVENTS_PUBLISHED.inc()
         return envelope
 

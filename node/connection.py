@@ -40,6 +40,9 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 
 _DROPPED = {}  # reason -> labelled counter child, resolved once
 
+HeldEvent = tuple[str, bytes, int, "int | None", "str | None", int]
+"""(event id, frame, rank, expires_at, conflated channel, timestamp) of a live event held during recovery."""
+
 
 def count_drop(reason: str, n: int = 1) -> None:
     child = _DROPPED.get(reason)
@@ -51,12 +54,13 @@ def count_drop(reason: str, n: int = 1) -> None:
 class Subscription:
     """One pattern a connection subscribed to, with its options."""
 
-    __slots__ = ("pattern", "max_rank", "bucket")
+    __slots__ = ("pattern", "max_rank", "bucket", "held")
 
     def __init__(self, pattern: Pattern, max_rank: int, bucket: TokenBucket | None) -> None:
         self.pattern = pattern
         self.max_rank = max_rank  # deliver events with priority rank <= this (3 admits all)
         self.bucket = bucket  # options.limit, if lower than the connection's rate
+        self.held: list[HeldEvent] | None = None  # live events kept aside while history replays
 
 
 class ClientConnection:
@@ -124,6 +128,14 @@ class ClientConnection:
         if self._drainer is None:
             self._drainer = self._loop.create_task(self._drain())
         return False
+
+    def hold(self, subscription: Subscription, event: HeldEvent) -> None:
+        """Keep a live event aside while its subscription replays history (bounded by the queue size)."""
+        assert subscription.held is not None
+        if len(subscription.held) < self.queue.max_items:
+            subscription.held.append(event)
+        else:
+            self._report_drop("recovery_overflow", 1)
 
     async def _drain(self) -> None:
         """Write queued events as push tokens and the socket allow; exits when empty."""

@@ -236,6 +236,7 @@ class Session:
         forbidden: list[str] = []
         over_limit: list[str] = []
         subscribed: list[str] = []
+        added: list[tuple[str, Subscription]] = []
         max_rank = LOWEST_RANK if message.priority is None else message.priority
         for text in message.channels:
             try:
@@ -246,18 +247,37 @@ class Session:
             if not hub.may_subscribe(conn, pattern):
                 forbidden.append(text)
                 continue
-            if pattern not in conn.subscriptions and len(conn.subscriptions) >= settings.max_subscriptions:
+            is_new = pattern not in conn.subscriptions
+            if is_new and len(conn.subscriptions) >= settings.max_subscriptions:
                 over_limit.append(text)
                 continue
             bucket = None
             if message.limit is not None and message.limit < settings.events_per_second:
                 burst = max(1.0, min(float(settings.events_burst), message.limit))
                 bucket = TokenBucket(message.limit * PACING_MARGIN, burst, asyncio.get_running_loop().time())
-            hub.subscribe(conn, Subscription(pattern, max_rank, bucket))
+            subscription = Subscription(pattern, max_rank, bucket)
+            if message.since is not None and is_new:
+                subscription.held = []  # live events wait until history has been replayed
+                added.append((text, subscription))
+            elif not is_new:
+                subscription.held = conn.subscriptions[pattern].held
+            hub.subscribe(conn, subscription)
             subscribed.append(text)
         if subscribed:
-            recovered = await self.state.recover(conn, message, subscribed)
+            recovered = None
+            replays: dict = {}
+            if message.since is not None:
+                replays = await self.state.recovery.fetch(message.since, [s.pattern for _, s in added])
+                new_ones = {text: s.pattern for text, s in added}
+                recovered = {
+                    text: (replays[new_ones[text]].recovered if new_ones[text] in replays else False)
+                    if text in new_ones
+                    else True  # already live on this connection: nothing was missed
+                    for text in subscribed
+                }
             conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered))
+            if added:
+                self.state.recovery.resume(conn, [s for _, s in added], replays)
             log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)
         if invalid:
             self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)

@@ -20,6 +20,7 @@ from cluster import protocol
 from cluster.broker import EVENTS_PREFIX, LEGACY_CHANNEL
 from cluster.channels import Channel, ChannelError, Pattern, candidate_patterns, parse_channel
 from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legacy
+from cluster.history import make_cursor
 from cluster.logs import RateLimitedLog
 from cluster.metrics import EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
 from node.connection import ClientConnection, Subscription, count_drop, observe_latency, text_frame
@@ -100,6 +101,15 @@ class Hub:
             if not subscribers:
                 del self.index[pattern]
 
+    def may_receive(self, conn: ClientConnection, envelope: Envelope, domain: str) -> bool:
+        """SPEC §3 authorization of one event for one connection (the replay path's check)."""
+        identity = conn.identity
+        if envelope.user_id is not None and envelope.user_id != identity.user_id and not identity.is_admin:
+            return False
+        if envelope.session_id is not None and envelope.session_id != identity.session_id and not identity.is_admin:
+            return False
+        return domain in self.public_domains or identity.user_id is not None
+
     # --- events: the hot path ----------------------------------------------------------
 
     def on_bus_message(self, bus_channel: bytes, data: bytes) -> None:
@@ -138,12 +148,15 @@ class Hub:
         recipients = self._recipients(channel, candidates, envelope)
         if recipients is None:
             return 0
-        frame = text_frame(protocol.event_frame(name, envelope.raw, f"{self.epoch}:{envelope.id}"))
+        frame = text_frame(protocol.event_frame(name, envelope.raw, make_cursor(self.epoch, name, envelope.id)))
         rank, expires_at, timestamp = envelope.priority, envelope.expires_at, envelope.timestamp
         conflate = name if channel.type in CONFLATED_TYPES else None
         written = 0
         for conn, subscription in recipients:
             if rank > subscription.max_rank:
+                continue
+            if subscription.held is not None:
+                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp))
                 continue
             if conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp):
                 written += 1

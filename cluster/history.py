@@ -1,0 +1,191 @@
+"""Bounded per-channel history for recovery (SPEC §8), and cursors.
+
+Publishing through the SDK runs one Lua script that appends the envelope to the
+channel's Redis stream and PUBLISHes it, so history and the live stream never
+disagree. Every entry gets a cluster-wide position ``<ms>-<seq>`` (server clock,
+never going back, and one global sequence), so entries of different channels
+order the same way everywhere. Streams keep at most ``history_size`` entries
+and ``history_seconds`` of time; expired events (ttl) are filtered on replay.
+
+A cursor names the last event a client saw: ``<epoch>:<channel>:<event id>``.
+The epoch is a random value stored in Redis: when Redis restarts or is flushed
+it changes, and old cursors are known to be unrecoverable.
+
+Non-Python publishers get history by running the same script (``PUBLISH_SCRIPT``)
+with EVALSHA/EVAL; see docs/RECOVERY.md for its keys and arguments.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from cluster.channels import ChannelError, Pattern, parse_channel
+
+EPOCH_KEY = "push:epoch"
+SEQ_KEY = "push:history:seq"
+CLOCK_KEY = "push:history:clock"
+STREAM_PREFIX = "push:history:stream:"
+CHANNELS_PREFIX = "push:history:channels:"
+SCAN_BATCH = 200
+
+PUBLISH_SCRIPT = """
+-- KEYS: 1 stream of the channel, 2 channel set of the domain, 3 sequence, 4 clock, 5 epoch
+-- ARGV: 1 bus channel (events:<channel>), 2 envelope JSON, 3 event id, 4 channel,
+--       5 max events per channel, 6 retention ms, 7 epoch to create if there is none
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('GET', KEYS[4]) or '0')
+if now < last then now = last end
+redis.call('SET', KEYS[4], now)
+redis.call('SET', KEYS[5], ARGV[7], 'NX')
+local seq = redis.call('INCR', KEYS[3])
+local retention = tonumber(ARGV[6])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], now .. '-' .. seq, 'i', ARGV[3], 'e', ARGV[2])
+redis.call('XTRIM', KEYS[1], 'MINID', now - retention)
+redis.call('PEXPIRE', KEYS[1], retention)
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], retention)
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+"""
+
+
+def make_cursor(epoch: str, channel: str, event_id: str) -> str:
+    return f"{epoch}:{channel}:{event_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    epoch: str
+    channel: str
+    event_id: str
+
+
+def parse_cursor(text: str) -> Cursor | None:
+    """The parts of a cursor, or None if it is not one of ours."""
+    epoch, sep, rest = text.partition(":")
+    channel, sep2, event_id = rest.rpartition(":")
+    if not (sep and sep2 and epoch and event_id):
+        return None
+    try:
+        parse_channel(channel)
+    except ChannelError:
+        return None
+    return Cursor(epoch, channel, event_id)
+
+
+def publish_keys(channel: str) -> list[str]:
+    domain = channel.partition(".")[0]
+    return [STREAM_PREFIX + channel, CHANNELS_PREFIX + domain, SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
+
+
+def publish_args(channel: str, envelope: bytes, event_id: str, max_events: int, retention_seconds: int) -> list[object]:
+    return [
+        "events:" + channel,
+        envelope,
+        event_id,
+        channel,
+        max_events,
+        retention_seconds * 1000,
+        secrets.token_hex(4),
+    ]
+
+
+def _position(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What history holds after a cursor: ``recovered`` False means a gap."""
+
+    recovered: bool
+    events: list[tuple[str, bytes]]  # (channel, envelope JSON), oldest first
+
+
+LOST = Replay(False, [])
+
+
+class History:
+    """Reads history for recovery on a node."""
+
+    def __init__(self, client: aioredis.Redis, max_events: int) -> None:
+        self._client = client
+        self.max_events = max_events
+
+    async def epoch(self) -> str:
+        value = await self._client.get(EPOCH_KEY)
+        return value.decode() if value else ""
+
+    async def locate(self, cursor: Cursor) -> bytes | None:
+        """The stream position of the cursor's event, scanning back from the newest."""
+        key = STREAM_PREFIX + cursor.channel
+        wanted = cursor.event_id.encode()
+        end: bytes | str = "+"
+        scanned = 0
+        while scanned < self.max_events:
+            entries = await self._client.xrevrange(key, max=end, min="-", count=SCAN_BATCH)
+            if not entries:
+                return None
+            for entry_id, fields in entries:
+                if fields.get(b"i") == wanted:
+                    return entry_id
+            scanned += len(entries)
+            end = b"(" + entries[-1][0]
+        return None
+
+    async def channels(self, pattern: Pattern) -> list[str]:
+        """Channels with history that ``pattern`` matches."""
+        if pattern.domain is not None:
+            keys = [CHANNELS_PREFIX + pattern.domain]
+        else:
+            keys = [key.decode() async for key in self._client.scan_iter(match=CHANNELS_PREFIX + "*", count=500)]
+        found: list[str] = []
+        for key in keys:
+            for raw in await self._client.smembers(key):
+                name = raw.decode()
+                try:
+                    channel = parse_channel(name)
+                except ChannelError:
+                    continue
+                if pattern.matches(channel):
+                    found.append(name)
+        return found
+
+    async def after(self, cursor: Cursor, patterns: list[Pattern]) -> dict[Pattern, Replay]:
+        """For each pattern, the events after ``cursor`` on every channel it matches."""
+        if not cursor.epoch or cursor.epoch != await self.epoch():
+            return {p: LOST for p in patterns}
+        position = await self.locate(cursor)
+        if position is None:
+            return {p: LOST for p in patterns}
+        start = _position(position)
+        result: dict[Pattern, Replay] = {}
+        for pattern in patterns:
+            result[pattern] = await self._replay(pattern, position, start)
+        return result
+
+    async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int]) -> Replay:
+        merged: list[tuple[tuple[int, int], str, bytes]] = []
+        for name in await self.channels(pattern):
+            key = STREAM_PREFIX + name
+            pipe = self._client.pipeline(transaction=False)
+            pipe.xinfo_stream(key)
+            pipe.xrange(key, min=b"(" + position, max="+", count=self.max_events + 1)
+            try:
+                info, entries = await pipe.execute()
+            except aioredis.ResponseError:
+                continue  # the stream expired between listing and reading: nothing newer
+            deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
+            if deleted and _position(deleted if isinstance(deleted, bytes) else str(deleted).encode()) > start:
+                return LOST  # entries newer than the cursor were trimmed away
+            if len(entries) > self.max_events:
+                return LOST
+            merged.extend((_position(entry_id), name, fields[b"e"]) for entry_id, fields in entries)
+        merged.sort(key=lambda item: item[0])
+        if len(merged) > self.max_events:
+            return LOST
+        return Replay(True, [(name, envelope) for _, name, envelope in merged])
