@@ -390,7 +390,8 @@ def test_compose_service_command_env_and_ports_match_the_code(service: str) -> N
     assert grace >= settings.drain_seconds + 5, f"{service}: stop_grace_period must outlast the drain"
     if service.startswith("node-"):
         assert settings.node_id == service
-        assert settings.public_url == f"ws://{service}:{settings.port}/ws"
+        assert settings.public_url == f"ws://127.0.0.1:{settings.port}/ws", "clients on the host use the published port"
+        assert settings.internal_url == f"http://{service}:{settings.port}", "the router reaches nodes by service name"
 
 
 def test_compose_nodes_have_distinct_ids_ports_and_one_secret() -> None:
@@ -831,10 +832,11 @@ def test_operations_commands_and_settings_exist() -> None:
     for env in set(re.findall(r"\b(PUSH_[A-Z0-9_]+|REDIS_URL)\b", text)):
         assert env in SETTING_ENV, f"docs/OPERATIONS.md names {env}, which is not a setting"
     blocks = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", text, flags=re.S)
+    lines = "\n".join(blocks).splitlines()
+    lines += re.findall(r"`(pushctl [^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))  # inline code
     commands = []
-    for line in "\n".join(blocks).splitlines():
-        line = line.strip().removeprefix("$ ")
-        match = re.search(r"(?:^|\s|/)(pushctl\s[^|&;#>]*)", line)
+    for line in lines:
+        match = re.search(r"(?:^|\s|/|\$\()(pushctl\s[^|&;#>)]*)", line.strip())
         if match:
             commands.append(shlex.split(match.group(1)))
     assert len(commands) >= 6, commands
