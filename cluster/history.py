@@ -7,9 +7,11 @@ never going back, and one global sequence), so entries of different channels
 order the same way everywhere. Streams keep at most ``history_size`` entries
 and ``history_seconds`` of time; expired events (ttl) are filtered on replay.
 
-A cursor names the last event a client saw: ``<epoch>:<channel>:<event id>``.
-The epoch is a random value stored in Redis: when Redis restarts or is flushed
-it changes, and old cursors are known to be unrecoverable.
+A cursor names the last event a client saw: ``<epoch>:<channel>:<event id>``;
+a subscribe ack carries a position cursor ``<epoch>:@<ms>-<seq>`` (the history's
+position at that moment) so that a client that has seen no event yet can still
+recover. The epoch is a random value stored in Redis: when Redis restarts or is
+flushed it changes, and old cursors are known to be unrecoverable.
 
 Non-Python publishers get history by running the same script (``PUBLISH_SCRIPT``)
 with EVALSHA/EVAL; see docs/RECOVERY.md for its keys and arguments.
@@ -59,13 +61,19 @@ def make_cursor(epoch: str, channel: str, event_id: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Cursor:
     epoch: str
-    channel: str
-    event_id: str
+    channel: str = ""
+    event_id: str = ""
+    position: bytes = b""  # set for position cursors: a stream id every later entry exceeds
 
 
 def parse_cursor(text: str) -> Cursor | None:
     """The parts of a cursor, or None if it is not one of ours."""
     epoch, sep, rest = text.partition(":")
+    if sep and epoch and rest.startswith("@"):
+        ms, dash, seq = rest[1:].partition("-")
+        if dash and ms.isdigit() and seq.isdigit():
+            return Cursor(epoch, position=f"{int(ms)}-{int(seq)}".encode())
+        return None
     channel, sep2, event_id = rest.rpartition(":")
     if not (sep and sep2 and epoch and event_id):
         return None
@@ -120,6 +128,13 @@ class History:
         value = await self._client.get(EPOCH_KEY)
         return value.decode() if value else ""
 
+    async def position(self) -> str | None:
+        """A position cursor for "now": every event published later is after it."""
+        epoch, clock, seq = await self._client.mget(EPOCH_KEY, CLOCK_KEY, SEQ_KEY)
+        if not epoch:
+            return None
+        return f"{epoch.decode()}:@{int(clock or 0)}-{int(seq or 0)}"
+
     async def locate(self, cursor: Cursor) -> bytes | None:
         """The stream position of the cursor's event, scanning back from the newest."""
         key = STREAM_PREFIX + cursor.channel
@@ -159,8 +174,8 @@ class History:
         """For each pattern, the events after ``cursor`` on every channel it matches."""
         if not cursor.epoch or cursor.epoch != await self.epoch():
             return {p: LOST for p in patterns}
-        position = await self.locate(cursor)
-        if position is None:
+        position = cursor.position or await self.locate(cursor)
+        if not position:
             return {p: LOST for p in patterns}
         start = _position(position)
         result: dict[Pattern, Replay] = {}

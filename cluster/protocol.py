@@ -190,6 +190,7 @@ def ack(
     subscribed: list[str] | tuple[str, ...] = (),
     unsubscribed: list[str] | tuple[str, ...] = (),
     recovered: dict[str, bool] | None = None,
+    cursor: str | None = None,
 ) -> str:
     doc: dict[str, Any] = {
         "action": "ack",
@@ -197,6 +198,8 @@ def ack(
         "unsubscribed": list(unsubscribed),
         "id": request_id,
     }
+    if cursor is not None:
+        doc["cursor"] = cursor  # where history stood at subscribe time: a `since` for a later reconnect
     if recovered is not None:
         doc["recovered"] = recovered
     return _encode(doc)

@@ -275,7 +275,8 @@ class Session:
                     else True  # already live on this connection: nothing was missed
                     for text in subscribed
                 }
-            conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered))
+            position = await self.state.recovery.position()
+            conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered, cursor=position))
             if added:
                 self.state.recovery.resume(conn, [s for _, s in added], replays)
             log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)

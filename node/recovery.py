@@ -44,6 +44,15 @@ class Recovery:
             log("recovery_failed", logging.WARNING, node=self.hub.node_id, reason=type(exc).__name__)
             return {}
 
+    async def position(self) -> str | None:
+        """A cursor for "now", or None without history (or while Redis is away)."""
+        if self.history is None:
+            return None
+        try:
+            return await self.history.position()
+        except BUS_ERRORS:
+            return None
+
     def resume(self, conn: ClientConnection, subscriptions: list[Subscription], replays: dict[Pattern, Replay]) -> None:
         """Offer replayed then held events, once each, and switch the subscriptions to live."""
         sent: set[str] = set()

@@ -142,3 +142,18 @@ async def test_expired_events_are_not_replayed(start_node, connect):
     await client.subscribe(["market.trades"], since=cursor)
     [event] = await client.events(1)
     assert event["data"]["id"] == kept["id"]
+
+
+async def test_ack_cursor_recovers_events_for_a_client_that_saw_none(start_node, connect):
+    node = start_node("ack-cursor")
+    first = await connect(node)
+    ack = await first.subscribe(["backtest.progress:bt-1", "market.trades"])
+    assert ack["cursor"]
+    await first.close()
+    user = token("lena")
+    missed = publish(node.redis_url, "market.trades", {"n": 1})
+    client = await connect(node, token=user)
+    ack = await client.subscribe(["market.trades"], since=ack["cursor"])
+    assert ack["recovered"] == {"market.trades": True}
+    [event] = await client.events(1)
+    assert event["data"]["id"] == missed["id"]
