@@ -1,0 +1,278 @@
+"""`pushctl token`, `pushctl publish` and `pushctl tail` (SPEC §10), run as the
+installed console script against a real node and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+from conftest import JWT_SECRET, PUSHCTL, ROOT, WsClient, node_env, publish, token
+
+SCRIPT = Path(sys.executable).parent / "pushctl"
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else PUSHCTL
+TIMEOUT = 15.0
+
+
+def user(prefix: str = "u") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def pushctl(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run pushctl to completion: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        *args,
+        env=env if env is not None else node_env(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def decode(tok: str, secret: str = JWT_SECRET) -> dict[str, Any]:
+    return jwt.decode(tok, secret, algorithms=["HS256"])
+
+
+# --- pushctl token ---------------------------------------------------------------------------
+
+
+async def test_token_verifies_with_the_secret_and_names_the_user():
+    code, out, _ = await pushctl("token", "--sub", "alice")
+    assert code == 0
+    claims = decode(out.strip())
+    assert claims["sub"] == "alice"
+    assert abs(claims["exp"] - (time.time() + 3600)) < 60
+    assert "admin" not in claims.get("roles", [])
+
+
+async def test_token_with_admin_carries_the_admin_role(shared_node, connect):
+    code, out, _ = await pushctl("token", "--sub", "ops", "--admin")
+    assert code == 0
+    assert "admin" in decode(out.strip())["roles"]
+    admin: WsClient = await connect(shared_node, token=out.strip())
+    await admin.subscribe(["order.*"])
+    envelope = publish(shared_node.redis_url, "order.filled", {}, user_id=user("bob"))
+    [event] = await admin.events(1)
+    assert event["data"] == envelope, "an admin token receives everyone's private events"
+
+
+async def test_token_ttl_sets_the_expiry():
+    code, out, _ = await pushctl("token", "--sub", "alice", "--ttl", "60")
+    assert code == 0
+    claims = decode(out.strip())
+    assert abs(claims["exp"] - (time.time() + 60)) < 10
+
+
+async def test_token_secret_can_be_given_as_a_flag():
+    code, out, _ = await pushctl("token", "--sub", "alice", "--jwt-secret", "flag-secret-" + "f" * 32)
+    assert code == 0
+    assert decode(out.strip(), "flag-secret-" + "f" * 32)["sub"] == "alice"
+
+
+async def test_token_without_a_secret_fails_with_a_clear_message():
+    env = {k: v for k, v in node_env().items() if k != "PUSH_JWT_SECRET"}
+    code, out, err = await pushctl("token", "--sub", "alice", env=env)
+    assert code != 0
+    assert out.strip() == ""
+    assert "PUSH_JWT_SECRET" in err
+
+
+# --- pushctl publish ------------------------------------------------------------------------
+
+
+async def test_publish_reaches_a_subscriber(shared_node, connect):
+    key = user("k")
+    client: WsClient = await connect(shared_node)
+    await client.subscribe([f"market.ticker:{key}"])
+    code, out, err = await pushctl(
+        "publish", "market.ticker", "--key", key, "--payload", '{"price": 101.5}', "--redis-url", shared_node.redis_url
+    )
+    assert code == 0, err
+    printed = orjson.loads(out)
+    [event] = await client.events(1)
+    assert event["channel"] == f"market.ticker:{key}"
+    assert event["data"] == printed
+    assert printed["payload"] == {"price": 101.5}
+    assert printed["source"] == "market-data-collector"
+
+
+async def test_publish_private_event_with_priority_and_ttl(shared_node, connect):
+    alice = user("alice")
+    client: WsClient = await connect(shared_node, token=token(alice))
+    await client.subscribe(["risk.*"], priority="p0")
+    code, _, err = await pushctl(
+        "publish",
+        "risk.alert",
+        "--user",
+        alice,
+        "--priority",
+        "p0",
+        "--ttl",
+        "60000",
+        "--payload",
+        '{"level": "critical"}',
+        "--redis-url",
+        shared_node.redis_url,
+    )
+    assert code == 0, err
+    [event] = await client.events(1)
+    data = event["data"]
+    assert (data["type"], data["userId"], data["priority"], data["ttl"]) == ("risk.alert", alice, "p0", 60000)
+    assert data["payload"] == {"level": "critical"}
+
+
+async def test_publish_reads_redis_url_from_the_environment(shared_node, connect):
+    key = user("k")
+    client: WsClient = await connect(shared_node)
+    await client.subscribe([f"market.trades:{key}"])
+    code, out, err = await pushctl(
+        "publish", "market.trades", "--key", key, env=node_env(REDIS_URL=shared_node.redis_url)
+    )
+    assert code == 0, err
+    [event] = await client.events(1)
+    assert event["data"] == orjson.loads(out)
+
+
+async def test_publish_refuses_an_unknown_type_with_a_clear_message(shared_node, connect):
+    admin: WsClient = await connect(shared_node, token=token(user("ops"), roles=["admin"]))
+    await admin.subscribe(["*"])
+    code, out, err = await pushctl("publish", "order.teleported", "--redis-url", shared_node.redis_url)
+    assert code != 0
+    assert out.strip() == ""
+    assert "order.teleported" in err
+    assert "unknown" in err.lower()
+    marker = publish(shared_node.redis_url, "order.created", {"marker": True})
+    [event] = await admin.events(1)
+    assert event["data"]["id"] == marker["id"], "the refused event must not have been published"
+
+
+async def test_publish_refuses_an_unknown_service_with_a_clear_message(shared_node):
+    code, _, err = await pushctl(
+        "publish", "order.filled", "--source", "rogue-service", "--redis-url", shared_node.redis_url
+    )
+    assert code != 0
+    assert "rogue-service" in err
+
+
+async def test_publish_unknown_type_when_allowed(shared_node, connect):
+    alice = user("alice")
+    client: WsClient = await connect(shared_node, token=token(alice))
+    await client.subscribe(["portfolio.*"])
+    code, out, err = await pushctl(
+        "publish",
+        "portfolio.rebalanced",
+        "--allow-unknown",
+        "--source",
+        "portfolio-service",
+        "--user",
+        alice,
+        "--redis-url",
+        shared_node.redis_url,
+    )
+    assert code == 0, err
+    [event] = await client.events(1)
+    assert event["data"] == orjson.loads(out)
+
+
+async def test_publish_refuses_a_payload_that_is_not_json(shared_node):
+    code, _, err = await pushctl("publish", "order.filled", "--payload", "{oops", "--redis-url", shared_node.redis_url)
+    assert code != 0
+    assert "payload" in err.lower()
+
+
+# --- pushctl tail -----------------------------------------------------------------------------
+
+
+async def run_tail(node: Any, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "tail",
+        "--url",
+        node.url,
+        *args,
+        env=node_env(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_until(proc: asyncio.subprocess.Process, action: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)
+        assert line, f"tail exited before printing {action!r}"
+        doc = orjson.loads(line)
+        if doc.get("action") == action:
+            return doc
+
+
+async def finish(proc: asyncio.subprocess.Process) -> int:
+    try:
+        return await asyncio.wait_for(proc.wait(), TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_tail_count_1_prints_a_published_event_and_exits(shared_node):
+    key = user("k")
+    proc = await run_tail(shared_node, "--count", "1", f"market.ticker:{key}")
+    try:
+        ack = await read_until(proc, "ack")
+        assert ack["subscribed"] == [f"market.ticker:{key}"]
+        envelope = publish(shared_node.redis_url, "market.ticker", {"price": 7}, key=key)
+        event = await read_until(proc, "event")
+        assert event["channel"] == f"market.ticker:{key}"
+        assert event["data"] == envelope
+    finally:
+        code = await finish(proc)
+    assert code == 0
+
+
+async def test_tail_with_a_token_prints_private_events(shared_node):
+    alice = user("alice")
+    proc = await run_tail(shared_node, "--token", token(alice), "--count", "1", "order.*")
+    try:
+        await read_until(proc, "ack")
+        publish(shared_node.redis_url, "order.filled", {"for": "someone else"}, user_id=user("bob"))
+        envelope = publish(shared_node.redis_url, "order.filled", {"for": "alice"}, user_id=alice)
+        event = await read_until(proc, "event")
+        assert event["data"] == envelope
+    finally:
+        code = await finish(proc)
+    assert code == 0
+
+
+async def test_tail_to_an_unreachable_url_fails_with_a_message():
+    proc = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "tail",
+        "--url",
+        "ws://127.0.0.1:9/ws",
+        "market.*",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode != 0
+    assert b"cannot connect" in err
