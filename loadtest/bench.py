@@ -1,0 +1,747 @@
+"""The fan-out benchmark: one push node against Nchan, same workloads, same run.
+
+    .venv/bin/python -m loadtest.bench            # full run, about 2-3 minutes
+    .venv/bin/python -m loadtest.bench --quick    # smoke run, about 40 seconds
+
+It starts a private redis-server and one ``pushctl node`` (pinned to CPU 0),
+and an nginx with the Nchan module (one worker, pinned to CPU 0), while this
+process — the load generator — and the publisher run on CPU 1. For each server:
+
+- idle: RSS growth of the server process over N idle subscribed connections;
+- W1 / W2: C connections on one channel, R events/s published for D seconds
+  (to Redis with ``PUBLISH events:<channel>``, as the SDK does; to Nchan by HTTP
+  POST): delivered/s, delivered/expected, latency p50/p99/max (publish instant
+  → receipt), and server CPU µs per delivered event = (utime+stime from
+  /proc/<pid>/stat over the steady window) ÷ (deliveries in that window);
+- storm: 5,000 simultaneous connects (delta-push: each with its own JWT) until
+  every one is welcomed (Nchan: upgraded).
+
+Absolute numbers drift on a shared machine; the ratios to Nchan measured in the
+same run are what the targets are about. The node is started with a push rate
+limit far above the workloads (``PUSH_EVENTS_PER_SECOND`` / ``PUSH_EVENTS_BURST``
+10,000) so that the per-connection limit of 100 events/s is not what is
+measured. See docs/PERFORMANCE.md for the method and the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+
+from loadtest import procs
+from loadtest.wsclient import BenchWebSocket, Stats, open_connection
+
+HOST = "127.0.0.1"
+SERVER_CPU = 0
+CLIENT_CPU = 1
+MAX_LATENCY_SAMPLES_PER_SECOND = 25_000  # probe connections are chosen to stay under this
+SETUP_CONCURRENCY = 200
+SETUP_TIMEOUT = 60.0
+STORM_TIMEOUT = 30.0
+GRACE_SECONDS = 5.0
+NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = {
+    "w1_cpu_ratio": 1.3,
+    "w1_p99_ms": 20.0,
+    "w2_delivery": 0.99,
+    "w2_cpu_ratio": 1.3,
+    "idle_kb": 20.0,
+    "storm_seconds": 3.0,
+}
+
+
+# --- /proc accounting ---------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+# --- the servers under test ----------------------------------------------------------------
+
+
+class Server:
+    """A push server under test: where to connect, how to publish, which pid to measure."""
+
+    name = ""
+    nchan = False
+    port = 0
+    pid = 0
+
+    def sub_path(self, key: str, index: int) -> str:
+        raise NotImplementedError
+
+    def storm_path(self, index: int) -> str:
+        raise NotImplementedError
+
+    def subscribe_message(self, key: str) -> bytes | None:
+        return None
+
+    def publisher_args(self, key: str) -> list[str]:
+        raise NotImplementedError
+
+    async def connections(self) -> int | None:
+        """Open connections the server reports, if it can tell."""
+        return None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class PushServer(Server):
+    """Redis + one `pushctl node`; every connection carries its own user's JWT."""
+
+    name = "delta-push"
+
+    def __init__(self, cpus: set[int] | None, client_cpus: set[int] | None, max_users: int) -> None:
+        from cluster.auth import issue_token
+
+        self.children: list[procs.Child] = []
+        try:
+            redis_child, self.redis_url = procs.start_redis(client_cpus)
+            self.children.append(redis_child)
+            node, self.port = procs.start_node(
+                self.redis_url,
+                node_id="bench",
+                cpus=cpus,
+                PUSH_EVENTS_PER_SECOND="10000",
+                PUSH_EVENTS_BURST="10000",
+            )
+            self.children.append(node)
+        except BaseException:
+            procs.stop_all(self.children)
+            raise
+        self.pid = node.pid
+        self._tokens = [issue_token(procs.BENCH_JWT_SECRET, f"bench-{i}", ttl_seconds=3600) for i in range(max_users)]
+
+    @staticmethod
+    def channel(key: str) -> str:
+        return f"market.trades:{key}"
+
+    def sub_path(self, key: str, index: int) -> str:
+        return f"/ws?token={self._tokens[index]}"
+
+    def storm_path(self, index: int) -> str:
+        return f"/ws?token={self._tokens[index]}"
+
+    def subscribe_message(self, key: str) -> bytes:
+        return orjson.dumps({"action": "subscribe", "channels": [self.channel(key)], "id": "bench"})
+
+    def publisher_args(self, key: str) -> list[str]:
+        return ["--redis-url", self.redis_url, "--channel", self.channel(key), "--type", "market.trades"]
+
+    async def connections(self) -> int | None:
+        loop = asyncio.get_running_loop()
+
+        def ask() -> int | None:
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{self.port}/readyz", timeout=2) as response:
+                    return int(orjson.loads(response.read())["connections"])
+            except (OSError, ValueError, KeyError):
+                return None
+
+        return await loop.run_in_executor(None, ask)
+
+    def stop(self) -> None:
+        procs.stop_all(self.children)
+
+
+NGINX_CONF = """\
+load_module {module};
+worker_processes 1;
+worker_cpu_affinity {affinity};
+worker_rlimit_nofile {nofile};
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections {connections}; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+    listen {host}:{port} backlog=8192;
+    location ~ ^/sub/(\\w+)$ {{
+      nchan_subscriber websocket;
+      nchan_channel_id $1;
+    }}
+    location ~ ^/pub/(\\w+)$ {{
+      nchan_publisher http;
+      nchan_channel_id $1;
+      nchan_message_buffer_length 16;
+      nchan_message_timeout 30s;
+    }}
+  }}
+}}
+"""
+
+
+def nchan_module() -> str | None:
+    for directory in NCHAN_MODULE_DIRS:
+        path = Path(directory) / "ngx_nchan_module.so"
+        if path.exists():
+            return str(path)
+    return None
+
+
+def ensure_nchan(install: bool) -> str | None:
+    """None if nginx + Nchan are usable, else why not (after trying apt-get if allowed)."""
+    if shutil.which("nginx") and nchan_module():
+        return None
+    if not install:
+        return "nginx or its Nchan module is not installed (apt-get install -y nginx-light libnginx-mod-nchan)"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "nginx-light / libnginx-mod-nchan are missing and apt-get cannot be run here"
+    print("installing the Nchan reference: apt-get install -y nginx-light libnginx-mod-nchan", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for argv in (
+            ["apt-get", "install", "-y", "-qq", "nginx-light", "libnginx-mod-nchan"],
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "nginx-light", "libnginx-mod-nchan"],
+        ):
+            done = subprocess.run(argv, env=env, capture_output=True, timeout=240)
+            if argv[1] == "install" and done.returncode == 0:
+                break
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"apt-get failed: {exc}"
+    if shutil.which("nginx") and nchan_module():
+        return None
+    return "apt-get could not install nginx-light and libnginx-mod-nchan"
+
+
+class NchanServer(Server):
+    """nginx with one worker and the Nchan module: WebSocket subscribers, HTTP publisher, no auth."""
+
+    name = "nchan"
+    nchan = True
+
+    def __init__(self, cpus: set[int] | None) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="delta-push-nchan-")
+        self.port = procs.free_port()
+        nofile = procs.raise_nofile()
+        cpu = min(cpus) if cpus else 0
+        conf = NGINX_CONF.format(
+            module=nchan_module(),
+            affinity="1" + "0" * cpu,
+            nofile=nofile,
+            connections=max(1024, nofile - 100),
+            tmp=self.tmp,
+            host=HOST,
+            port=self.port,
+        )
+        conf_path = Path(self.tmp) / "nginx.conf"
+        conf_path.write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.child = procs.Child(
+            "nginx", [nginx, "-p", self.tmp, "-c", str(conf_path)], cpus=cpus, death_signal=signal.SIGTERM
+        )
+        try:
+            procs.wait_for(lambda: procs.port_open(self.port), procs.START_TIMEOUT, "nginx", self.child)
+            workers: list[int] = []
+
+            def worker_up() -> bool:
+                workers[:] = children_of(self.child.pid)
+                return len(workers) == 1
+
+            procs.wait_for(worker_up, procs.START_TIMEOUT, "the nginx worker", self.child)
+        except BaseException:
+            self.stop()
+            raise
+        self.pid = workers[0]
+
+    def sub_path(self, key: str, index: int) -> str:
+        return f"/sub/{key}"
+
+    def storm_path(self, index: int) -> str:
+        return "/sub/STORM"
+
+    def publisher_args(self, key: str) -> list[str]:
+        return ["--url", f"http://{HOST}:{self.port}/pub/{key}"]
+
+    def stop(self) -> None:
+        self.child.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    workload: str
+    server: str
+    connections: int = 0
+    rate: float = 0.0
+    published: int = 0
+    expected: int = 0
+    delivered: int = 0
+    delivered_per_second: float | None = None
+    delivery_ratio: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    cpu_us_per_delivery: float | None = None
+    rss_kb_per_conn: float | None = None
+    connect_seconds: float | None = None
+    cpu_us_per_connect: float | None = None
+    generator_cpu: float | None = None
+    lagged: int = 0
+    failed_connections: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+def percentile(ordered: list[int], q: float) -> float:
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))] / 1000.0
+
+
+# --- phases -----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, server: Server) -> None:
+        self.args = args
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+
+    async def open_many(
+        self,
+        count: int,
+        stats: Stats,
+        key: str,
+        *,
+        subscribe: bool,
+        probe_every: int = 0,
+        concurrency: int | None = SETUP_CONCURRENCY,
+        timeout: float = SETUP_TIMEOUT,
+        storm: bool = False,
+    ) -> tuple[list[BenchWebSocket], list[BenchWebSocket], list[float]]:
+        """Open ``count`` connections; returns (ready, all opened, ready times)."""
+        server = self.server
+        opened: list[BenchWebSocket] = []
+        gate = asyncio.Semaphore(concurrency) if concurrency else None
+        message = server.subscribe_message(key) if subscribe else None
+
+        async def one(index: int) -> tuple[BenchWebSocket, float]:
+            path = server.storm_path(index) if storm else server.sub_path(key, index)
+            probe = probe_every > 0 and index % probe_every == 0
+            if gate is not None:
+                await gate.acquire()
+            try:
+                ws = await open_connection(HOST, server.port, path, stats, nchan=server.nchan, subscribe=message, probe=probe)
+                opened.append(ws)
+                ready_at = await (ws.subscribed if subscribe else ws.welcomed)
+                return ws, ready_at
+            finally:
+                if gate is not None:
+                    gate.release()
+
+        tasks = [self.loop.create_task(one(i)) for i in range(count)]
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        ready: list[BenchWebSocket] = []
+        times: list[float] = []
+        for task in done:
+            if task.cancelled() or task.exception() is not None:
+                if not task.cancelled():
+                    stats.error(type(task.exception()).__name__)
+                continue
+            ws, ready_at = task.result()
+            ready.append(ws)
+            times.append(ready_at)
+        return ready, opened, times
+
+    async def close_all(self, connections: list[BenchWebSocket]) -> None:
+        for ws in connections:
+            ws.close()
+        deadline = self.loop.time() + 10
+        while self.loop.time() < deadline:
+            await asyncio.sleep(0.2)
+            remaining = await self.server.connections()
+            if remaining is None:
+                await asyncio.sleep(1.0)  # nothing to ask: give the server a moment to reap
+                break
+            if remaining == 0:
+                break
+        gc.collect()
+
+    async def idle(self, count: int) -> Row:
+        row = Row(f"idle {count} subscribed", self.server.name, connections=count)
+        stats = Stats()
+        _, warm_opened, _ = await self.open_many(min(100, count), stats, "IDLEWARM", subscribe=True)
+        await self.close_all(warm_opened)
+        await asyncio.sleep(1.0)
+        before = rss_kb(self.server.pid)
+        ready, opened, _ = await self.open_many(count, stats, "IDLE", subscribe=True)
+        await asyncio.sleep(2.0)
+        after = rss_kb(self.server.pid)
+        row.failed_connections = count - len(ready)
+        row.rss_kb_per_conn = (after - before) / max(1, len(ready))
+        row.errors = stats.errors
+        await self.close_all(opened)
+        return row
+
+    async def fanout(self, label: str, count: int, rate: float, duration: float, warmup: float) -> Row:
+        row = Row(f"{label} {count} conns x {rate:g}/s", self.server.name, connections=count, rate=rate)
+        stats = Stats()
+        probe_every = max(1, math.ceil(count * rate / MAX_LATENCY_SAMPLES_PER_SECOND))
+        ready, opened, _ = await self.open_many(count, stats, label, subscribe=True, probe_every=probe_every)
+        row.failed_connections = count - len(ready)
+        try:
+            await asyncio.sleep(0.5)
+            start_at = time.time() + 1.0
+            start = self.loop.time() + 1.0
+            publisher = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "loadtest.publisher",
+                *self.server.publisher_args(label),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(duration),
+                "--start-at",
+                repr(start_at),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=procs.ROOT,
+                preexec_fn=procs.child_setup(None, signal.SIGKILL),
+            )
+            await asyncio.sleep(max(0.0, start + warmup - self.loop.time()))
+            cpu0, sent0, t0, gen0 = cpu_seconds(self.server.pid), stats.delivered, self.loop.time(), cpu_seconds(os.getpid())
+            await asyncio.sleep(max(0.0, start + duration - self.loop.time()))
+            cpu1, sent1, t1, gen1 = cpu_seconds(self.server.pid), stats.delivered, self.loop.time(), cpu_seconds(os.getpid())
+            try:
+                out, err = await asyncio.wait_for(publisher.communicate(), timeout=30)
+            except TimeoutError:
+                publisher.kill()
+                await publisher.wait()
+                raise RuntimeError("the publisher did not finish") from None
+            lines = out.decode().strip().splitlines()
+            if not lines:
+                raise RuntimeError(f"the publisher failed: {err.decode()[-500:]}")
+            report = orjson.loads(lines[-1])
+            row.published = int(report["published"])
+            if report.get("failures"):
+                row.note = f"publish failures: {report['failures'][:2]}"
+            row.expected = row.published * len(ready)
+            deadline = self.loop.time() + GRACE_SECONDS
+            while stats.delivered < row.expected and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await self.close_all(opened)
+        window = t1 - t0
+        delivered_in_window = sent1 - sent0
+        row.delivered = stats.delivered
+        row.delivered_per_second = delivered_in_window / window if window > 0 else None
+        row.delivery_ratio = stats.delivered / row.expected if row.expected else None
+        if delivered_in_window:
+            row.cpu_us_per_delivery = (cpu1 - cpu0) * 1e6 / delivered_in_window
+        row.generator_cpu = (gen1 - gen0) / window if window > 0 else None
+        ordered = sorted(stats.latencies_us)
+        row.p50_ms, row.p99_ms, row.max_ms = (percentile(ordered, 0.5), percentile(ordered, 0.99), percentile(ordered, 1.0))
+        row.lagged = stats.lagged
+        row.errors = stats.errors
+        return row
+
+    async def storm(self, count: int) -> Row:
+        row = Row(f"storm {count} connects", self.server.name, connections=count)
+        stats = Stats()
+        cpu0 = cpu_seconds(self.server.pid)
+        t0 = time.monotonic()
+        ready, opened, times = await self.open_many(
+            count, stats, "STORM", subscribe=False, concurrency=None, timeout=STORM_TIMEOUT, storm=True
+        )
+        elapsed = (max(times) - t0) if times else math.nan
+        cpu1 = cpu_seconds(self.server.pid)
+        row.failed_connections = count - len(ready)
+        row.connect_seconds = elapsed if len(ready) == count else None
+        if row.failed_connections:
+            row.note = f"{len(ready)} of {count} welcomed within {STORM_TIMEOUT:g} s"
+        row.cpu_us_per_connect = (cpu1 - cpu0) * 1e6 / max(1, len(ready))
+        row.errors = stats.errors
+        await self.close_all(opened)
+        return row
+
+
+async def run_server(args: argparse.Namespace, server: Server) -> list[Row]:
+    bench = Bench(args, server)
+    rows: list[Row] = []
+    workloads = args.workloads
+    gc.disable()  # no collector pauses in the load generator while it measures
+    try:
+        if "idle" in workloads:
+            rows.append(await bench.idle(args.idle))
+        for label in ("w1", "w2"):
+            if label in workloads:
+                count, rate = getattr(args, label)
+                rows.append(await bench.fanout(label.upper(), count, rate, args.duration, args.warmup))
+        if "storm" in workloads:
+            rows.append(await bench.storm(args.storm))
+    finally:
+        gc.enable()
+    return rows
+
+
+# --- output -------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("workload", "workload", 26, "s"),
+    ("server", "server", 10, "s"),
+    ("delivered/s", "delivered_per_second", 11, ",.0f"),
+    ("deliv/exp", "delivery_ratio", 9, ".4f"),
+    ("p50 ms", "p50_ms", 7, ".2f"),
+    ("p99 ms", "p99_ms", 7, ".2f"),
+    ("max ms", "max_ms", 7, ".1f"),
+    ("CPU µs/deliv", "cpu_us_per_delivery", 12, ".2f"),
+    ("KB/conn", "rss_kb_per_conn", 7, ".1f"),
+    ("connect s", "connect_seconds", 9, ".2f"),
+    ("CPU µs/conn", "cpu_us_per_connect", 11, ".0f"),
+    ("gen CPU", "generator_cpu", 7, ".0%"),
+]
+
+
+def render_table(rows: list[Row]) -> str:
+    lines = ["  ".join(f"{title:<{width}}" if fmt == "s" else f"{title:>{width}}" for title, _, width, fmt in COLUMNS)]
+    for row in rows:
+        cells = []
+        for _, name, width, fmt in COLUMNS:
+            value = getattr(row, name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append(f"{'-':>{width}}")
+            elif fmt == "s":
+                cells.append(f"{value:<{width}}")
+            else:
+                cells.append(f"{value:>{width}{fmt}}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs <= 0:
+        return None
+    return ours / theirs
+
+
+def compare(rows: list[Row]) -> dict[str, Any]:
+    """our/Nchan ratios per workload and the issue's targets."""
+    by = {(r.workload.split()[0], r.server): r for r in rows}
+    ratios: dict[str, float | None] = {}
+    for workload, metric in (
+        ("W1", "cpu_us_per_delivery"),
+        ("W2", "cpu_us_per_delivery"),
+        ("W1", "p99_ms"),
+        ("W2", "p99_ms"),
+        ("idle", "rss_kb_per_conn"),
+        ("storm", "connect_seconds"),
+        ("storm", "cpu_us_per_connect"),
+    ):
+        ours, theirs = by.get((workload, "delta-push")), by.get((workload, "nchan"))
+        if ours is not None and theirs is not None:
+            ratios[f"{workload} {metric}"] = ratio(getattr(ours, metric), getattr(theirs, metric))
+    checks: dict[str, bool | None] = {}
+
+    def check(name: str, value: float | None, limit: float, at_least: bool = False) -> None:
+        checks[name] = None if value is None else (value >= limit if at_least else value <= limit)
+
+    w1, w2 = by.get(("W1", "delta-push")), by.get(("W2", "delta-push"))
+    idle, storm = by.get(("idle", "delta-push")), by.get(("storm", "delta-push"))
+    if w1 is not None:
+        check("W1 CPU/delivery ≤ 1.3x Nchan", ratios.get("W1 cpu_us_per_delivery"), TARGETS["w1_cpu_ratio"])
+        check("W1 p99 ≤ 20 ms", w1.p99_ms, TARGETS["w1_p99_ms"])
+        check("W1 nothing lost", w1.delivery_ratio, 1.0, at_least=True)
+    if w2 is not None:
+        check("W2 delivered/expected ≥ 0.99", w2.delivery_ratio, TARGETS["w2_delivery"], at_least=True)
+        check("W2 CPU/delivery ≤ 1.3x Nchan", ratios.get("W2 cpu_us_per_delivery"), TARGETS["w2_cpu_ratio"])
+    if idle is not None:
+        check("idle ≤ 20 KB/conn", idle.rss_kb_per_conn, TARGETS["idle_kb"])
+    if storm is not None:
+        check(f"storm {storm.connections} connects ≤ 3 s", storm.connect_seconds, TARGETS["storm_seconds"])
+    return {"ratios": ratios, "targets": checks}
+
+
+def render_comparison(summary: dict[str, Any]) -> str:
+    lines = []
+    if summary["ratios"]:
+        parts = [f"{name} {value:.2f}x" if value is not None else f"{name} -" for name, value in summary["ratios"].items()]
+        lines.append("ours/nchan: " + "; ".join(parts))
+    if summary["targets"]:
+        marks = {True: "met", False: "MISSED", None: "n/a"}
+        lines.append("targets:    " + "; ".join(f"{name}: {marks[ok]}" for name, ok in summary["targets"].items()))
+    return "\n".join(lines)
+
+
+def environment_line(pinned: bool, nchan: str) -> str:
+    somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
+    pin = f"servers on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}" if pinned else "NOT pinned (fewer than 2 CPUs)"
+    return (
+        f"delta-push bench {time.strftime('%Y-%m-%d %H:%M:%S')} · {platform.node()} · {os.cpu_count()} CPUs · "
+        f"Linux {platform.release()} · Python {platform.python_version()} · {pin} · somaxconn {somaxconn} · "
+        f"reference: {nchan}"
+    )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_workload(text: str) -> tuple[int, float]:
+    conns, _, rate = text.lower().partition("x")
+    return int(conns), float(rate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description="Fan-out benchmark: one delta-push node against Nchan."
+    )
+    parser.add_argument("--w1", type=parse_workload, default=(1000, 20.0), metavar="CONNSxRATE", help="default 1000x20")
+    parser.add_argument("--w2", type=parse_workload, default=(2000, 50.0), metavar="CONNSxRATE", help="default 2000x50")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds of publishing per workload (default 12)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the steady window (default 2)")
+    parser.add_argument("--idle", type=int, default=2000, help="idle subscribed connections (default 2000)")
+    parser.add_argument("--storm", type=int, default=5000, help="simultaneous connects (default 5000)")
+    parser.add_argument(
+        "--workloads", default="idle,w1,w2,storm", help="comma list of idle,w1,w2,storm (default all)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000")
+    parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--max-seconds", type=float, default=480.0, help="abort the whole run after this long")
+    return parser
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    pinned = procs.cpu_count() >= 2 and {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
+    server_cpus = {SERVER_CPU} if pinned else None
+    client_cpus = {CLIENT_CPU} if pinned else None
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    nofile = procs.raise_nofile()
+    needed = max(args.idle, args.storm, args.w1[0], args.w2[0]) + 200
+    if nofile < needed:
+        raise SystemExit(f"RLIMIT_NOFILE is {nofile}; this run needs {needed}: raise the hard limit (ulimit -Hn)")
+    nchan_state = "skipped (--no-nchan)" if args.no_nchan else (ensure_nchan(not args.no_install) or "nchan")
+    print(environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)"), flush=True)
+    rows: list[Row] = []
+    max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
+    # Children are started from the main thread: PR_SET_PDEATHSIG follows the thread that forked.
+    server: Server = PushServer(server_cpus, client_cpus, max_users)
+    try:
+        rows += await run_server(args, server)
+    finally:
+        server.stop()
+    if nchan_state == "nchan":
+        nchan = NchanServer(server_cpus)
+        try:
+            rows += await run_server(args, nchan)
+        finally:
+            nchan.stop()
+    summary = compare(rows)
+    print()
+    print(render_table(sorted(rows, key=lambda r: (list(args.workloads).index(_kind(r)), r.server != "delta-push"))))
+    print()
+    print(render_comparison(summary))
+    notes = [f"{r.workload} / {r.server}: {r.note}" for r in rows if r.note]
+    notes += [f"{r.workload} / {r.server}: errors {r.errors}" for r in rows if r.errors]
+    notes += [f"{r.workload} / {r.server}: {r.lagged} events reported lagged" for r in rows if r.lagged]
+    for note in notes:
+        print("note: " + note)
+    if nchan_state not in ("nchan",) and not args.no_nchan:
+        print(f"note: Nchan reference skipped: {nchan_state}")
+    result = {"rows": [asdict(r) for r in rows], **summary, "nchan": nchan_state}
+    if args.json:
+        args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    return result
+
+
+def _kind(row: Row) -> str:
+    return row.workload.split()[0].lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.w1, args.w2, args.duration, args.idle, args.storm = (200, 20.0), (400, 50.0), 4.0, 500, 1000
+        args.warmup = min(args.warmup, 1.0)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = set(args.workloads) - {"idle", "w1", "w2", "storm"}
+    if unknown:
+        raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+
+    async def bounded() -> dict[str, Any]:
+        return await asyncio.wait_for(amain(args), args.max_seconds)
+
+    try:
+        uvloop.run(bounded())
+    except TimeoutError:
+        print(f"bench: aborted after {args.max_seconds:g} s", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
