@@ -207,6 +207,30 @@ async def test_event_matching_several_patterns_of_one_connection_is_delivered_on
     assert [e["data"] for e in await events_until(client, marker)] == [envelope]
 
 
+# --- the bus ------------------------------------------------------------------------------------
+
+
+def test_sdk_publishes_on_redis_events_channel(redis_server):
+    bus = redis_server.client()
+    listener = bus.pubsub(ignore_subscribe_messages=True)
+    try:
+        listener.psubscribe("events:*")
+        key = uid("k")
+        envelope = publish(redis_server.url, "market.ticker", {"p": 1}, key=f"{key}/USDT")
+        deadline = time.monotonic() + 5
+        message = None
+        while message is None and time.monotonic() < deadline:
+            candidate = listener.get_message(timeout=0.5)
+            if candidate and orjson.loads(candidate["data"]).get("id") == envelope["id"]:
+                message = candidate
+        assert message is not None, "the SDK's event never appeared on Redis"
+        assert message["channel"] == f"events:market.ticker:{key}/USDT".encode()
+        assert orjson.loads(message["data"]) == envelope
+    finally:
+        listener.close()
+        bus.close()
+
+
 # --- the envelope as delivered ---------------------------------------------------------------
 
 

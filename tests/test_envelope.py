@@ -342,12 +342,10 @@ def test_sdk_publishers_refuse_unknown_service_unless_allowed():
     SyncEventPublisher("redis://127.0.0.1:1/0", "rogue-service", allow_unknown=True).close()
 
 
-def test_sdk_publishes_on_events_type_and_key():
-    channel, doc, data = prepare("market.ticker", {"p": 1}, source="market-data-collector", key="BTC/USDT")
-    assert channel == "events:market.ticker:BTC/USDT"
+def test_sdk_encodes_the_envelope_it_returns():
+    _, doc, data = prepare("market.ticker", {"p": 1}, source="market-data-collector", key="BTC/USDT")
     assert orjson.loads(data) == doc
-    channel, _, _ = prepare("order.filled", {}, source="order-executor")
-    assert channel == "events:order.filled"
+    assert parse_envelope(data).type == "market.ticker"
 
 
 @pytest.mark.parametrize("key", ["", "has space", "a:b", "x" * 129, "ü"])
