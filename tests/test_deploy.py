@@ -10,7 +10,10 @@ with a value it accepts; commands parse with ``pushctl``'s own parser; ports
 and paths are the code's; the Kubernetes manifests validate offline against
 the Kubernetes JSON schemas bundled by ``kubernetes-validate``; PromQL parses
 with ``promql-parser``; every alert's runbook anchor exists in
-docs/OPERATIONS.md.
+docs/OPERATIONS.md. Where the tools are installed, ``kubectl kustomize``
+renders base and overlay and ``promtool`` checks the Prometheus config and runs
+each alert against scenarios (skipped otherwise: kubectl is in the machine
+image, promtool comes with Debian's ``prometheus`` package).
 """
 
 from __future__ import annotations
@@ -499,6 +502,132 @@ def test_alert_is_complete_and_its_runbook_exists(rule: dict[str, Any]) -> None:
     assert path == "docs/OPERATIONS.md" and anchor, annotations["runbook"]
     assert OPERATIONS.is_file(), "docs/OPERATIONS.md holds the runbooks"
     assert anchor in github_anchors(OPERATIONS.read_text()), f"docs/OPERATIONS.md has no #{anchor}"
+
+
+# Scenarios for `promtool test rules`: each alert fires on what it is for and not on
+# what it is not for (a drain is no connection loss, conflation is no drop, a steady
+# rate is no spike). Annotations are stripped before the run: promtool compares them
+# verbatim, and `promtool check rules` checks their templates.
+ALERT_SCENARIOS = """\
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - name: a node that stops answering scrapes
+    interval: 1m
+    input_series:
+      - {series: 'up{job="delta-push-node", instance="node-1:8081"}', values: '1 1 0 0 0 0'}
+      - {series: 'up{job="delta-push-node", instance="node-2:8082"}', values: '1x5'}
+      - {series: 'up{job="delta-push-router", instance="router:8080"}', values: '1 0 0 0 0 0'}
+    alert_rule_test:
+      - {eval_time: 2m, alertname: PushNodeDown, exp_alerts: []}
+      - eval_time: 4m
+        alertname: PushNodeDown
+        exp_alerts: [{exp_labels: {severity: critical, job: delta-push-node, instance: "node-1:8081"}}]
+      - eval_time: 4m
+        alertname: PushRouterDown
+        exp_alerts: [{exp_labels: {severity: critical, job: delta-push-router, instance: "router:8080"}}]
+  - name: half the connections gone
+    interval: 1m
+    input_series:
+      - {series: 'ws_connections_total{job="delta-push-node", instance="node-1:8081"}', values: '1000x15 500x15'}
+      - {series: 'ws_connections_total{job="delta-push-node", instance="node-2:8082"}', values: '1000x15 500x15'}
+    alert_rule_test:
+      - {eval_time: 14m, alertname: PushConnectionsDroppingSharply, exp_alerts: []}
+      - eval_time: 20m
+        alertname: PushConnectionsDroppingSharply
+        exp_alerts: [{exp_labels: {severity: critical}}]
+  - name: a drain moves connections without losing them
+    interval: 1m
+    input_series:
+      - {series: 'ws_connections_total{job="delta-push-node", instance="node-1:8081"}', values: '1000x15 0x15'}
+      - {series: 'ws_connections_total{job="delta-push-node", instance="node-2:8082"}', values: '1000x15 2000x15'}
+    alert_rule_test:
+      - {eval_time: 25m, alertname: PushConnectionsDroppingSharply, exp_alerts: []}
+  - name: slow delivery on one node
+    interval: 1m
+    input_series:
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-1:8081", le="0.5"}', values: '0x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-1:8081", le="1.0"}', values: '0x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-1:8081", le="2.5"}', values: '0+600x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-1:8081", le="+Inf"}', values: '0+600x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-2:8082", le="0.005"}', values: '0+600x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-2:8082", le="0.5"}', values: '0+600x30'}
+      - {series: 'event_consume_latency_seconds_bucket{job="delta-push-node", instance="node-2:8082", le="+Inf"}', values: '0+600x30'}
+    alert_rule_test:
+      - {eval_time: 8m, alertname: PushConsumeLatencyHigh, exp_alerts: []}
+      - eval_time: 20m
+        alertname: PushConsumeLatencyHigh
+        exp_alerts: [{exp_labels: {severity: warning, instance: "node-1:8081"}}]
+  - name: drops counted, conflation ignored
+    interval: 1m
+    input_series:
+      - {series: 'events_dropped_total{job="delta-push-node", instance="node-1:8081", reason="queue_full"}', values: '0+1200x20'}
+      - {series: 'events_dropped_total{job="delta-push-node", instance="node-1:8081", reason="conflated"}', values: '0+6000x20'}
+      - {series: 'events_dropped_total{job="delta-push-node", instance="node-2:8082", reason="expired"}', values: '0+60x20'}
+    alert_rule_test:
+      - eval_time: 15m
+        alertname: PushEventsDropped
+        exp_alerts: [{exp_labels: {severity: warning, instance: "node-1:8081", reason: queue_full}}]
+  - name: token rejections jump twentyfold
+    interval: 1m
+    input_series:
+      - {series: 'auth_failures_total{job="delta-push-node", instance="node-1:8081", reason="signature"}', values: '0+60x70 4260+1200x20'}
+    alert_rule_test:
+      - {eval_time: 65m, alertname: PushAuthFailuresSpiking, exp_alerts: []}
+      - eval_time: 85m
+        alertname: PushAuthFailuresSpiking
+        exp_alerts: [{exp_labels: {severity: warning}}]
+  - name: a steady high rate of rejections is no spike
+    interval: 1m
+    input_series:
+      - {series: 'auth_failures_total{job="delta-push-router", instance="router:8080", reason="expired"}', values: '0+600x90'}
+    alert_rule_test:
+      - {eval_time: 85m, alertname: PushAuthFailuresSpiking, exp_alerts: []}
+  - name: one reconnect, then flapping
+    interval: 1m
+    input_series:
+      - {series: 'redis_reconnects_total{job="delta-push-node", instance="node-1:8081"}', values: '0 0 0 1 1 1 1 1 1 1'}
+      - {series: 'redis_reconnects_total{job="delta-push-node", instance="node-2:8082"}', values: '0 1 2 3 4 4 4 4 4 4'}
+      - {series: 'redis_reconnects_total{job="delta-push-node", instance="node-3:8083"}', values: '0x9'}
+    alert_rule_test:
+      - eval_time: 6m
+        alertname: PushRedisReconnects
+        exp_alerts:
+          - {exp_labels: {severity: warning, instance: "node-1:8081"}}
+          - {exp_labels: {severity: warning, instance: "node-2:8082"}}
+      - eval_time: 6m
+        alertname: PushRedisFlapping
+        exp_alerts: [{exp_labels: {severity: critical, instance: "node-2:8082"}}]
+"""
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian package `prometheus`) is not installed"
+)
+
+
+def promtool(*args: str) -> None:
+    result = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_accepts_the_prometheus_config_and_the_alert_rules() -> None:
+    promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    promtool("check", "rules", str(DEPLOY / "prometheus" / "alerts.yml"))
+
+
+@needs_promtool
+def test_alerts_fire_on_the_scenarios_they_are_for(tmp_path: Path) -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations")
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    (tmp_path / "scenarios.yml").write_text(ALERT_SCENARIOS)
+    scenarios = yaml.safe_load(ALERT_SCENARIOS)
+    firing = {t["alertname"] for test in scenarios["tests"] for t in test["alert_rule_test"] if t["exp_alerts"]}
+    assert firing == {rule["alert"] for rule in alert_rules()}, "every alert has a scenario where it fires"
+    promtool("test", "rules", str(tmp_path / "scenarios.yml"))
 
 
 # --- dashboard -------------------------------------------------------------------------
