@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import Any, Sequence
 
@@ -71,34 +72,39 @@ def _token(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    import aiohttp
+    from cluster.client import PushClient
 
-    params = {"token": args.token} if args.token else {}
+    done = asyncio.Event()
     received = 0
-    async with aiohttp.ClientSession() as session:
-        try:
-            ws = await session.ws_connect(args.url, params=params, heartbeat=30)
-        except (aiohttp.ClientError, OSError) as exc:
-            print(f"pushctl tail: cannot connect to {args.url}: {exc}", file=sys.stderr)
-            return 1
-        await ws.send_str(orjson.dumps({"action": "subscribe", "channels": args.patterns, "id": "tail"}).decode())
-        async for msg in ws:
-            if msg.type is not aiohttp.WSMsgType.TEXT:
-                break
-            doc: dict[str, Any] = orjson.loads(msg.data)
-            action = doc.get("action")
-            if action == "event" or not args.events_only:
-                print(msg.data, flush=True)
-            if action == "event":
-                received += 1
-                if args.count and received >= args.count:
-                    await ws.close()
-                    return 0
-            elif action == "error" and doc.get("id") == "tail" and not doc.get("channels"):
-                return 1
-        code = ws.close_code
-        print(f"pushctl tail: connection closed ({code})", file=sys.stderr)
-        return 0 if code in (1000, None) else 1
+
+    def show(event: dict[str, Any]) -> None:
+        nonlocal received
+        print(orjson.dumps(event).decode(), flush=True)
+        received += 1
+        if args.count and received >= args.count:
+            done.set()
+
+    def show_notice(doc: dict[str, Any]) -> None:
+        print(orjson.dumps(doc).decode(), file=sys.stderr, flush=True)
+
+    client = PushClient(
+        args.url,
+        token=args.token,
+        on_lagged=show_notice,
+        on_error=show_notice,
+        on_unrecovered=lambda channels: show_notice({"recovered": False, "channels": channels}),
+        on_state=lambda state: print(f"pushctl tail: {state}", file=sys.stderr, flush=True),
+    )
+    client.subscribe(args.patterns, show)
+    async with client:
+        closed = asyncio.ensure_future(client.wait_closed())
+        finished = asyncio.ensure_future(done.wait())
+        await asyncio.wait({closed, finished}, return_when=asyncio.FIRST_COMPLETED)
+        finished.cancel()
+    if client.fatal is not None:
+        print(f"pushctl tail: refused by the server (close {client.fatal})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -135,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="router or node WebSocket URL")
     tail.add_argument("--token", help="JWT (else anonymous: public channels only)")
     tail.add_argument("--count", type=int, default=0, help="exit after this many events")
-    tail.add_argument("--events-only", action="store_true", help="print only event messages")
     tail.set_defaults(func=lambda a: _run_async(_tail(a)))
 
     token = commands.add_parser("token", help="print a dev token signed with PUSH_JWT_SECRET")

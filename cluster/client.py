@@ -1,0 +1,300 @@
+"""``PushClient``: an asyncio client that does not lose events (SPEC §4, §8).
+
+    async with PushClient("ws://127.0.0.1:8080/ws", token=my_token) as client:
+        client.subscribe(["order.*"], on_order)
+        await client.wait_closed()
+
+It connects through the router (or straight to a node), subscribes with one
+handler per pattern, and on any disconnect — a crash, ``reconnect`` + 1012 from
+a draining node, a network error — reconnects with exponential backoff and full
+jitter, then resubscribes with the last cursor of each subscription so the node
+replays what was missed. Events are deduplicated by id (a bounded window), the
+token is refreshed before expiry through a callback, and ``lagged`` and
+``recovered: false`` are surfaced to the application through callbacks.
+
+Handlers run one at a time in arrival order; while a handler runs the client
+does not read the socket, so a slow handler slows the node's sends to this
+connection (and the node's own limits apply) instead of growing memory here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from cluster.channels import ChannelError, Pattern, parse_channel, parse_pattern
+
+Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
+TokenSource = Callable[[], Awaitable[str] | str]
+
+DEDUP_WINDOW = 10_000
+REFRESH_BEFORE_SECONDS = 30.0
+FATAL_CLOSE_CODES = {4001, 4003, 4029}  # retrying cannot help without a new token or fewer connections
+
+
+@dataclass
+class ClientSubscription:
+    patterns: list[str]
+    handler: Handler
+    priority: str | None = None
+    limit: float | None = None
+    cursor: str | None = None  # the last event (or ack position) seen on this subscription
+    request_id: str = ""
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+    parsed: list[Pattern] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.parsed = [parse_pattern(p) for p in self.patterns]
+
+    def matches(self, channel_name: str) -> bool:
+        try:
+            channel = parse_channel(channel_name)
+        except ChannelError:
+            return False
+        return any(p.matches(channel) for p in self.parsed)
+
+
+class PushClient:
+    """One resilient connection to a delta-push cluster."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        get_token: TokenSource | None = None,
+        on_lagged: Callable[[dict[str, Any]], Any] | None = None,
+        on_unrecovered: Callable[[list[str]], Any] | None = None,
+        on_state: Callable[[str], Any] | None = None,
+        on_error: Callable[[dict[str, Any]], Any] | None = None,
+        min_backoff: float = 0.1,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._get_token = get_token
+        self._on_lagged = on_lagged
+        self._on_unrecovered = on_unrecovered
+        self._on_state = on_state
+        self._on_error = on_error
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.subscriptions: list[ClientSubscription] = []
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.state = "idle"
+        self.welcome: dict[str, Any] | None = None
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.close_codes: list[int | None] = []
+        self.fatal: int | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # --- public API -------------------------------------------------------------------
+
+    async def start(self) -> PushClient:
+        self._session = aiohttp.ClientSession()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aenter__(self) -> PushClient:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def subscribe(
+        self, patterns: list[str], handler: Handler, *, priority: str | None = None, limit: float | None = None
+    ) -> ClientSubscription:
+        """Subscribe now (if connected) and after every reconnect."""
+        subscription = ClientSubscription(list(patterns), handler, priority, limit)
+        self.subscriptions.append(subscription)
+        if self._ws is not None and not self._ws.closed:
+            self._spawn(self._send_subscribe(subscription))
+        return subscription
+
+    async def unsubscribe(self, subscription: ClientSubscription) -> None:
+        self.subscriptions.remove(subscription)
+        if self._ws is not None and not self._ws.closed:
+            await self._send({"action": "unsubscribe", "channels": subscription.patterns, "id": self._next_id()})
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        """Close cleanly (1000) and stop reconnecting."""
+        self._closing = True
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        self._set_state("closed")
+
+    # --- connection loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            self._set_state("connecting")
+            try:
+                await self._connect_once()
+                failures = 0
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                self.close_codes.append(None)
+                self._set_state(f"error: {type(exc).__name__}")
+            if self._closing or self.fatal is not None:
+                break
+            failures += 1
+            # full jitter: a whole fleet reconnecting at once spreads out over the window
+            await asyncio.sleep(random.uniform(0, min(self.max_backoff, self.min_backoff * 2**failures)))
+        self._set_state("closed")
+
+    async def _connect_once(self) -> None:
+        assert self._session is not None
+        token = await self._current_token()
+        params = {"token": token} if token else None
+        self._ws = await self._session.ws_connect(
+            self.url, params=params, heartbeat=30, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+        )
+        self.connected.clear()
+        refresher: asyncio.Task[None] | None = None
+        try:
+            async for msg in self._ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                doc = orjson.loads(msg.data)
+                action = doc.get("action")
+                if action == "event":
+                    await self._on_event(doc)
+                elif action == "welcome":
+                    self.welcome = doc
+                    self.connects += 1
+                    self._set_state("connected")
+                    self.connected.set()
+                    for subscription in self.subscriptions:
+                        await self._send_subscribe(subscription)
+                    if self._get_token is not None and doc.get("expiresAt"):
+                        refresher = asyncio.create_task(self._refresh_loop(doc["expiresAt"]))
+                elif action == "ack":
+                    self._on_ack(doc)
+                elif action == "lagged" and self._on_lagged is not None:
+                    await _call(self._on_lagged, doc)
+                elif action == "error" and self._on_error is not None:
+                    await _call(self._on_error, doc)
+                elif action == "authenticated" and refresher is not None:
+                    refresher.cancel()
+                    refresher = asyncio.create_task(self._refresh_loop(doc["expiresAt"]))
+                elif action == "reconnect":
+                    self._set_state("reconnecting")
+        finally:
+            if refresher is not None:
+                refresher.cancel()
+            code = self._ws.close_code
+            self.close_codes.append(code)
+            if code in FATAL_CLOSE_CODES and not (code == 4001 and self._get_token is not None):
+                self.fatal = code
+            self.connected.clear()
+
+    async def _current_token(self) -> str | None:
+        if self._get_token is not None:
+            self._token = await _call(self._get_token)
+        return self._token
+
+    async def _refresh_loop(self, expires_at_ms: int) -> None:
+        remaining = max(0.0, expires_at_ms / 1000 - time.time())
+        await asyncio.sleep(remaining - min(REFRESH_BEFORE_SECONDS, remaining / 2))
+        token = await self._current_token()
+        if token:
+            await self._send({"action": "auth", "token": token})
+
+    # --- subscriptions and events ---------------------------------------------------------
+
+    def _next_id(self) -> str:
+        return f"c{next(self._ids)}"
+
+    async def _send(self, doc: dict[str, Any]) -> None:
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.send_str(orjson.dumps(doc).decode())
+
+    async def _send_subscribe(self, subscription: ClientSubscription) -> None:
+        subscription.request_id = self._next_id()
+        subscription.acked.clear()
+        options: dict[str, Any] = {}
+        if subscription.priority:
+            options["priority"] = subscription.priority
+        if subscription.limit:
+            options["limit"] = subscription.limit
+        if subscription.cursor:
+            options["since"] = subscription.cursor
+        message: dict[str, Any] = {
+            "action": "subscribe",
+            "channels": subscription.patterns,
+            "id": subscription.request_id,
+        }
+        if options:
+            message["options"] = options
+        await self._send(message)
+
+    def _on_ack(self, doc: dict[str, Any]) -> None:
+        for subscription in self.subscriptions:
+            if subscription.request_id != doc.get("id"):
+                continue
+            lost = [name for name, ok in (doc.get("recovered") or {}).items() if not ok]
+            if lost and self._on_unrecovered is not None:
+                self._spawn(_call(self._on_unrecovered, lost))
+            if subscription.cursor is None or lost:
+                subscription.cursor = doc.get("cursor") or subscription.cursor
+            subscription.acked.set()
+
+    async def _on_event(self, doc: dict[str, Any]) -> None:
+        channel = doc.get("channel", "")
+        event_id = doc.get("data", {}).get("id")
+        targets = [s for s in self.subscriptions if s.matches(channel)]
+        for subscription in targets:
+            subscription.cursor = doc.get("cursor") or subscription.cursor
+        if event_id in self._seen:
+            return
+        self._seen[event_id] = None
+        if len(self._seen) > DEDUP_WINDOW:
+            self._seen.popitem(last=False)
+        for subscription in targets[:1]:
+            await _call(subscription.handler, doc)
+
+    def _spawn(self, awaitable: Awaitable[Any]) -> None:
+        """Run a callback or send in the background, keeping a reference until it ends."""
+        future = asyncio.ensure_future(awaitable)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            if self._on_state is not None:
+                result = self._on_state(state)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+
+
+async def _call(function: Callable[..., Any], *args: Any) -> Any:
+    result = function(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
