@@ -20,11 +20,13 @@ from cluster import protocol
 from cluster.auth import TokenVerifier
 from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
 from cluster.logs import configure, log
+from cluster.membership import Membership
 from cluster.metrics import render
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import websocket_handler
 from node.hub import Hub
+from node.membership import NodePresence
 
 DRAIN_CONCURRENCY = 100
 
@@ -32,7 +34,7 @@ DRAIN_CONCURRENCY = 100
 class NodeState:
     """Everything one node holds; shared by its request handlers."""
 
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(self, settings: Settings, broker: Broker, membership: Membership | None = None) -> None:
         self.settings = settings
         self.node_id = settings.effective_node_id
         self.broker = broker
@@ -42,6 +44,7 @@ class NodeState:
         self.slots = ConnectionSlots(client, settings.max_connections_per_user, settings.connection_lease_seconds)
         self.draining = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.presence = NodePresence(self, membership)
 
     async def recover(self, conn: object, message: protocol.Subscribe, channels: list[str]) -> dict[str, bool] | None:
         """Replay history for ``options.since``; without history nothing can be recovered."""
@@ -53,11 +56,13 @@ class NodeState:
         self.hub.epoch = self.broker.epoch
         with contextlib.suppress(*BUS_ERRORS):
             await self.slots.renew_all()
+        await self.presence.join()  # before the bus is ready: a ready node is routable
 
     async def start(self) -> None:
         self.broker.on_ready = self.on_bus_ready
         self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
         self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
+        self._tasks.extend(asyncio.create_task(work) for work in self.presence.start())
 
     async def _renew_slots(self) -> None:
         while True:
@@ -68,7 +73,8 @@ class NodeState:
                 log("slot_renewal_failed", logging.WARNING, node=self.node_id, reason=type(exc).__name__)
 
     async def drain(self) -> None:
-        """Stop accepting and send every client ``reconnect`` + 1012, spread over the window."""
+        """Leave the ring, stop accepting, send every client ``reconnect`` + 1012 spread over the window."""
+        await self.presence.leave()
         self.draining = True
         connections = list(self.hub.connections.values())
         log("drain", node=self.node_id, connections=len(connections), seconds=self.settings.drain_seconds)
@@ -118,9 +124,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+def create_app(
+    settings: Settings, broker: Broker | None = None, membership: Membership | None = None
+) -> web.Application:
     app = web.Application(client_max_size=settings.max_frame_bytes)
-    state = NodeState(settings, broker or RedisBroker(settings.redis_url))
+    state = NodeState(settings, broker or RedisBroker(settings.redis_url), membership)
     app["state"] = state
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
@@ -138,9 +146,14 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
-async def serve(settings: Settings, broker: Broker | None = None, stop: asyncio.Event | None = None) -> None:
+async def serve(
+    settings: Settings,
+    broker: Broker | None = None,
+    stop: asyncio.Event | None = None,
+    membership: Membership | None = None,
+) -> None:
     """Run a node until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
-    app = create_app(settings, broker)
+    app = create_app(settings, broker, membership)
     state: NodeState = app["state"]
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()

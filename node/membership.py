@@ -1,0 +1,101 @@
+"""This node's place in the cluster membership (SPEC §7).
+
+The node joins when its bus subscription is ready (before ``/readyz`` says so,
+so a ready node is routable), heartbeats its connection count every
+``heartbeat_seconds``, re-joins after a Redis outage, and withdraws first thing
+when it starts draining so routers stop sending it clients at once. It also
+watches the membership so the :class:`~node.rebalance.Rebalancer` can move the
+connections a scale-out assigns to another node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Coroutine
+
+from cluster.broker import BUS_ERRORS, Broker, RedisBroker
+from cluster.logs import RateLimitedLog, log
+from cluster.membership import Membership, MemoryMembership, NodeInfo, RedisMembership, checkpoint
+from cluster.settings import Settings
+from node.rebalance import Rebalancer
+
+if TYPE_CHECKING:
+    from node.app import NodeState
+
+WITHDRAW_TIMEOUT_SECONDS = 2.0
+
+
+def membership_for(broker: Broker, settings: Settings) -> Membership:
+    """Membership on the node's own Redis, or in memory for a single in-process node."""
+    if isinstance(broker, RedisBroker):
+        return RedisMembership(broker.client, settings.heartbeat_seconds, settings.node_ttl_seconds)
+    return MemoryMembership(settings.heartbeat_seconds, settings.node_ttl_seconds)
+
+
+class NodePresence:
+    """Registers this node, keeps its lease alive, and takes it out of the ring on drain."""
+
+    def __init__(self, state: NodeState, membership: Membership | None = None) -> None:
+        settings = state.settings
+        self.state = state
+        self.membership = membership or membership_for(state.broker, settings)
+        self.started_at = time.time_ns() // 1_000_000
+        self.registered = False
+        self.leaving = False
+        self._lock = asyncio.Lock()  # a heartbeat in flight must not land after the withdrawal
+        self._log_failure = RateLimitedLog(per_second=0.2)
+        self.rebalancer = Rebalancer(state.node_id, state.hub, self.membership, settings.rebalance_per_second)
+        self.membership.on_ring_change(self.rebalancer.on_ring_change)
+
+    def info(self) -> NodeInfo:
+        settings = self.state.settings
+        return NodeInfo(
+            id=self.state.node_id,
+            url=settings.effective_public_url,
+            internal_url=settings.effective_internal_url,
+            connections=len(self.state.hub.connections),
+            started_at=self.started_at,
+        )
+
+    async def join(self) -> None:
+        """Register (and announce) this node; raises a bus error if Redis is not there."""
+        async with self._lock:
+            if self.leaving:
+                return
+            await self.membership.announce(self.info(), join=True)
+            self.registered = True
+        log("node_registered", node=self.state.node_id, url=self.state.settings.effective_public_url)
+
+    def start(self) -> list[Coroutine[Any, Any, None]]:
+        """The background work: heartbeats, and following the membership."""
+        return [self._heartbeat(), self.membership.watch()]
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.membership.heartbeat_seconds)
+            async with self._lock:
+                if self.leaving or not self.registered:
+                    continue
+                try:
+                    await self.membership.announce(self.info())
+                except BUS_ERRORS as exc:
+                    self._log_failure(
+                        "heartbeat_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__
+                    )
+            checkpoint()
+
+    async def leave(self) -> None:
+        """Leave the ring now; if Redis cannot be told, the lease runs out on its own."""
+        self.rebalancer.stop()
+        async with self._lock:
+            self.leaving = True
+            if not self.registered:
+                return
+            try:
+                await asyncio.wait_for(self.membership.withdraw(self.state.node_id), WITHDRAW_TIMEOUT_SECONDS)
+            except (TimeoutError, *BUS_ERRORS) as exc:
+                log("withdraw_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__)
+                return
+        log("node_withdrawn", node=self.state.node_id)
