@@ -83,7 +83,8 @@ class ClientConnection:
         self.subscriptions: dict[Pattern, Subscription] = {}
         self._loop = asyncio.get_running_loop()
         self.bucket = TokenBucket(settings.events_per_second * PACING_MARGIN, settings.events_burst, self._loop.time())
-        self.queue = EventQueue(settings.queue_size, settings.write_buffer_bytes, self._report_drop)
+        self._settings = settings
+        self.queue: EventQueue | None = None  # exists only while events wait: idle connections stay small
         self._drainer: asyncio.Task[None] | None = None
         self._stall_seconds = settings.slow_consumer_seconds
         self._lagged_interval = settings.lagged_interval
@@ -121,6 +122,8 @@ class ClientConnection:
                 self.transport.write(frame)
                 return True
         try:
+            if self.queue is None:
+                self.queue = EventQueue(self._settings.queue_size, self._settings.write_buffer_bytes, self._report_drop)
             self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp), _now_ms())
         except SlowConsumer:
             self.close_slow_consumer("p0 events do not fit in the queue")
@@ -132,20 +135,22 @@ class ClientConnection:
     def hold(self, subscription: Subscription, event: HeldEvent) -> None:
         """Keep a live event aside while its subscription replays history (bounded by the queue size)."""
         assert subscription.held is not None
-        if len(subscription.held) < self.queue.max_items:
+        if len(subscription.held) < self._settings.queue_size:
             subscription.held.append(event)
         else:
             self._report_drop("recovery_overflow", 1)
 
     async def _drain(self) -> None:
         """Write queued events as push tokens and the socket allow; exits when empty."""
+        queue = self.queue
+        assert queue is not None
         try:
-            while self.queue.count and not self.closing:
+            while queue.count and not self.closing:
                 if not await self._wait_writable():
                     return
                 now = self._loop.time()
                 wait = self.bucket.wait_time(now)
-                head = self.queue.peek()
+                head = queue.peek()
                 if head is not None and head.bucket is not None:
                     wait = max(wait, head.bucket.wait_time(now))
                 if wait > 0:
@@ -153,22 +158,24 @@ class ClientConnection:
                     # a short floor sends a few per wake-up with the same average rate.
                     await asyncio.sleep(max(wait, MIN_DRAIN_SLEEP_SECONDS))
                     continue
-                self._write_batch(now)
+                self._write_batch(queue, now)
         finally:
             self._drainer = None
+            if not queue.count:
+                self.queue = None
 
-    def _write_batch(self, now: float) -> None:
+    def _write_batch(self, queue: EventQueue, now: float) -> None:
         """Write every queued frame the limits allow now, in one call."""
-        expired = self.queue.pop_expired(_now_ms())
+        expired = queue.pop_expired(_now_ms())
         if expired:
             self._report_drop("expired", expired)
         frames: list[bytes] = []
         oldest_timestamp = 0
-        while self.queue.count:
-            head = self.queue.peek()
+        while queue.count:
+            head = queue.peek()
             assert head is not None
             if head.expires_at is not None and head.expires_at < _now_ms():
-                self.queue.pop()
+                queue.pop()
                 self._report_drop("expired", 1)
                 continue
             if self.bucket.wait_time(now) > 0 or (head.bucket is not None and head.bucket.wait_time(now) > 0):
@@ -176,7 +183,7 @@ class ClientConnection:
             self.bucket.take(now)
             if head.bucket is not None:
                 head.bucket.take(now)
-            self.queue.pop()
+            queue.pop()
             if not frames:
                 oldest_timestamp = head.timestamp
             frames.append(head.frame)
@@ -232,9 +239,9 @@ class ClientConnection:
         if self.closing:
             return
         self.closing = True
-        if drop_reason and self.queue.count:
+        if drop_reason and self.queue is not None and self.queue.count:
             count_drop(drop_reason, self.queue.count)
-        self.queue.clear()
+        self.queue = None
         self._loop.create_task(self.close(code, reason))
 
     async def close(self, code: int, reason: str) -> None:
@@ -254,7 +261,7 @@ class ClientConnection:
     def release(self) -> None:
         """Forget everything this connection holds (it has disconnected)."""
         self.closing = True
-        self.queue.clear()
+        self.queue = None
         if self._lagged_timer is not None:
             self._lagged_timer.cancel()
         if self._drainer is not None:
