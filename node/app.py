@@ -19,6 +19,7 @@ from aiohttp import web
 from cluster import protocol
 from cluster.auth import TokenVerifier
 from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
+from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
 from cluster.metrics import render
@@ -27,8 +28,10 @@ from cluster.slots import ConnectionSlots
 from node.endpoint import websocket_handler
 from node.hub import Hub
 from node.membership import NodePresence
+from node.recovery import Recovery
 
 DRAIN_CONCURRENCY = 100
+EPOCH_REFRESH_SECONDS = 2.0
 
 
 class NodeState:
@@ -43,14 +46,10 @@ class NodeState:
         client = broker.client if isinstance(broker, RedisBroker) else None
         self.slots = ConnectionSlots(client, settings.max_connections_per_user, settings.connection_lease_seconds)
         self.draining = False
+        history = History(client, settings.history_size) if client is not None else None
+        self.recovery = Recovery(self.hub, history, settings.max_envelope_bytes)
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence = NodePresence(self, membership)
-
-    async def recover(self, conn: object, message: protocol.Subscribe, channels: list[str]) -> dict[str, bool] | None:
-        """Replay history for ``options.since``; without history nothing can be recovered."""
-        if message.since is None:
-            return None
-        return {channel: False for channel in channels}
 
     async def on_bus_ready(self) -> None:
         self.hub.epoch = self.broker.epoch
@@ -62,7 +61,17 @@ class NodeState:
         self.broker.on_ready = self.on_bus_ready
         self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
         self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
+        self._tasks.append(asyncio.create_task(self._refresh_epoch(), name="epoch"))
         self._tasks.extend(asyncio.create_task(work) for work in self.presence.start())
+
+    async def _refresh_epoch(self) -> None:
+        """Follow the history epoch: a flushed Redis gets a new one without a reconnect."""
+        if not isinstance(self.broker, RedisBroker):
+            return
+        while True:
+            await asyncio.sleep(EPOCH_REFRESH_SECONDS)
+            with contextlib.suppress(*BUS_ERRORS):
+                self.hub.epoch = await self.broker.load_epoch()
 
     async def _renew_slots(self) -> None:
         while True:
