@@ -382,7 +382,9 @@ class Bench:
             if gate is not None:
                 await gate.acquire()
             try:
-                ws = await open_connection(HOST, server.port, path, stats, nchan=server.nchan, subscribe=message, probe=probe)
+                ws = await open_connection(
+                    HOST, server.port, path, stats, nchan=server.nchan, subscribe=message, probe=probe
+                )
                 opened.append(ws)
                 ready_at = await (ws.subscribed if subscribe else ws.welcomed)
                 return ws, ready_at
@@ -464,9 +466,19 @@ class Bench:
                 preexec_fn=procs.child_setup(None, signal.SIGKILL),
             )
             await asyncio.sleep(max(0.0, start + warmup - self.loop.time()))
-            cpu0, sent0, t0, gen0 = cpu_seconds(self.server.pid), stats.delivered, self.loop.time(), cpu_seconds(os.getpid())
+            cpu0, sent0, t0, gen0 = (
+                cpu_seconds(self.server.pid),
+                stats.delivered,
+                self.loop.time(),
+                cpu_seconds(os.getpid()),
+            )
             await asyncio.sleep(max(0.0, start + duration - self.loop.time()))
-            cpu1, sent1, t1, gen1 = cpu_seconds(self.server.pid), stats.delivered, self.loop.time(), cpu_seconds(os.getpid())
+            cpu1, sent1, t1, gen1 = (
+                cpu_seconds(self.server.pid),
+                stats.delivered,
+                self.loop.time(),
+                cpu_seconds(os.getpid()),
+            )
             try:
                 out, err = await asyncio.wait_for(publisher.communicate(), timeout=30)
             except TimeoutError:
@@ -495,7 +507,11 @@ class Bench:
             row.cpu_us_per_delivery = (cpu1 - cpu0) * 1e6 / delivered_in_window
         row.generator_cpu = (gen1 - gen0) / window if window > 0 else None
         ordered = sorted(stats.latencies_us)
-        row.p50_ms, row.p99_ms, row.max_ms = (percentile(ordered, 0.5), percentile(ordered, 0.99), percentile(ordered, 1.0))
+        row.p50_ms, row.p99_ms, row.max_ms = (
+            percentile(ordered, 0.5),
+            percentile(ordered, 0.99),
+            percentile(ordered, 1.0),
+        )
         row.lagged = stats.lagged
         row.errors = stats.errors
         return row
@@ -619,7 +635,9 @@ def compare(rows: list[Row]) -> dict[str, Any]:
 def render_comparison(summary: dict[str, Any]) -> str:
     lines = []
     if summary["ratios"]:
-        parts = [f"{name} {value:.2f}x" if value is not None else f"{name} -" for name, value in summary["ratios"].items()]
+        parts = [
+            f"{name} {value:.2f}x" if value is not None else f"{name} -" for name, value in summary["ratios"].items()
+        ]
         lines.append("ours/nchan: " + "; ".join(parts))
     if summary["targets"]:
         marks = {True: "met", False: "MISSED", None: "n/a"}
@@ -629,7 +647,11 @@ def render_comparison(summary: dict[str, Any]) -> str:
 
 def environment_line(pinned: bool, nchan: str) -> str:
     somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
-    pin = f"servers on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}" if pinned else "NOT pinned (fewer than 2 CPUs)"
+    pin = (
+        f"servers on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}"
+        if pinned
+        else "NOT pinned (fewer than 2 CPUs)"
+    )
     return (
         f"delta-push bench {time.strftime('%Y-%m-%d %H:%M:%S')} · {platform.node()} · {os.cpu_count()} CPUs · "
         f"Linux {platform.release()} · Python {platform.python_version()} · {pin} · somaxconn {somaxconn} · "
@@ -655,10 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the steady window (default 2)")
     parser.add_argument("--idle", type=int, default=2000, help="idle subscribed connections (default 2000)")
     parser.add_argument("--storm", type=int, default=5000, help="simultaneous connects (default 5000)")
+    parser.add_argument("--workloads", default="idle,w1,w2,storm", help="comma list of idle,w1,w2,storm (default all)")
     parser.add_argument(
-        "--workloads", default="idle,w1,w2,storm", help="comma list of idle,w1,w2,storm (default all)"
+        "--quick", action="store_true", help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000")
     parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
@@ -677,7 +699,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if nofile < needed:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile}; this run needs {needed}: raise the hard limit (ulimit -Hn)")
     nchan_state = "skipped (--no-nchan)" if args.no_nchan else (ensure_nchan(not args.no_install) or "nchan")
-    print(environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)"), flush=True)
+    print(
+        environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)"), flush=True
+    )
     rows: list[Row] = []
     max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
     # Children are started from the main thread: PR_SET_PDEATHSIG follows the thread that forked.

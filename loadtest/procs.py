@@ -146,7 +146,19 @@ def start_redis(cpus: set[int] | None = None) -> tuple[Child, str]:
     port = free_port()
     child = Child(
         f"redis-{port}",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--maxclients", "10000"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxclients",
+            "10000",
+        ],
         cpus=cpus,
     )
     wait_for(lambda: port_open(port), START_TIMEOUT, "redis-server", child)

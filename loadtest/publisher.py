@@ -37,7 +37,14 @@ def envelope(event_type: str, seq: int, pad: int) -> bytes:
         "source": "market-data-collector",
         "timestamp": ts_us // 1000,
         "version": "1.0",
-        "payload": {"tsUs": ts_us, "seq": seq, "symbol": "BENCH/USDT", "price": "64123.5", "qty": "0.25", "pad": "x" * pad},
+        "payload": {
+            "tsUs": ts_us,
+            "seq": seq,
+            "symbol": "BENCH/USDT",
+            "price": "64123.5",
+            "qty": "0.25",
+            "pad": "x" * pad,
+        },
     }
     return orjson.dumps(doc)
 
