@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import orjson
 
+from cluster.local_cluster import ROUTER_PORT, add_up_flags
 from cluster.settings import add_setting_flags, settings_from_args
 
 NODE_FLAGS = None  # every setting is a flag of `pushctl node`
@@ -85,6 +86,7 @@ async def _tail(args: argparse.Namespace) -> int:
             done.set()
 
     def show_notice(doc: dict[str, Any]) -> None:
+        """Everything but events goes to stderr, one JSON object a line."""
         print(orjson.dumps(doc).decode(), file=sys.stderr, flush=True)
 
     client = PushClient(
@@ -92,8 +94,10 @@ async def _tail(args: argparse.Namespace) -> int:
         token=args.token,
         on_lagged=show_notice,
         on_error=show_notice,
+        on_ack=show_notice,
         on_unrecovered=lambda channels: show_notice({"recovered": False, "channels": channels}),
-        on_state=lambda state: print(f"pushctl tail: {state}", file=sys.stderr, flush=True),
+        on_state=lambda state: show_notice({"state": state}),
+        fail_fast=True,
     )
     client.subscribe(args.patterns, show)
     async with client:
@@ -101,6 +105,9 @@ async def _tail(args: argparse.Namespace) -> int:
         finished = asyncio.ensure_future(done.wait())
         await asyncio.wait({closed, finished}, return_when=asyncio.FIRST_COMPLETED)
         finished.cancel()
+    if client.failure is not None:
+        print(f"pushctl tail: cannot connect to {args.url}: {client.failure}", file=sys.stderr)
+        return 1
     if client.fatal is not None:
         print(f"pushctl tail: refused by the server (close {client.fatal})", file=sys.stderr)
         return 1
@@ -114,6 +121,25 @@ def _node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from router.app import run
+
+    settings = settings_from_args(args)
+    if args.port is None and "PUSH_PORT" not in os.environ:
+        settings = dataclasses.replace(settings, port=ROUTER_PORT)
+    run(settings)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.local_cluster import up
+
+    return up(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushctl", description="Run and use a delta-push cluster.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     node = commands.add_parser("node", help="run a push node")
     add_setting_flags(node)
     node.set_defaults(func=_node)
+
+    router = commands.add_parser("router", help=f"run a router (default port {ROUTER_PORT})")
+    add_setting_flags(router)
+    router.set_defaults(func=_router)
+
+    up = commands.add_parser("up", help="run a local cluster: Redis, a router on 8080, nodes on 8081...")
+    add_up_flags(up)
+    up.set_defaults(func=_up)
 
     publish = commands.add_parser("publish", help="publish one event through the SDK")
     publish.add_argument("type", help="event type, e.g. order.filled")

@@ -77,8 +77,10 @@ class PushClient:
         on_unrecovered: Callable[[list[str]], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[dict[str, Any]], Any] | None = None,
+        on_ack: Callable[[dict[str, Any]], Any] | None = None,
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
+        fail_fast: bool = False,
     ) -> None:
         self.url = url
         self._token = token
@@ -87,8 +89,11 @@ class PushClient:
         self._on_unrecovered = on_unrecovered
         self._on_state = on_state
         self._on_error = on_error
+        self._ack_callback = on_ack
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.fail_fast = fail_fast  # give up if the very first connect fails (CLI use)
+        self.failure: str | None = None
         self.subscriptions: list[ClientSubscription] = []
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._ids = itertools.count(1)
@@ -160,6 +165,9 @@ class PushClient:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 self.close_codes.append(None)
                 self._set_state(f"error: {type(exc).__name__}")
+                if self.fail_fast and self.connects == 0:
+                    self.failure = str(exc) or type(exc).__name__
+                    break
             if self._closing or self.fatal is not None:
                 break
             failures += 1
@@ -263,6 +271,8 @@ class PushClient:
             if subscription.cursor is None or lost:
                 subscription.cursor = doc.get("cursor") or subscription.cursor
             subscription.acked.set()
+        if self._ack_callback is not None:
+            self._spawn(_call(self._ack_callback, doc))
 
     async def _on_event(self, doc: dict[str, Any]) -> None:
         channel = doc.get("channel", "")
