@@ -298,6 +298,42 @@ async def test_anonymous_connections_can_be_switched_off(start_node, connect):
     assert (await accepted(connect, node, token(sub)))["userId"] == sub
 
 
+async def test_public_domains_are_configurable(start_node, connect):
+    node = start_node(node_id="auth-public-ai", PUSH_PUBLIC_DOMAINS="market,ai")
+    client = await connect(node)
+    assert (await client.subscribe(["ai.*"], request_id="ai"))["subscribed"] == ["ai.*"]
+    envelope = publish(node.redis_url, "ai.insight_generated", {"text": "public now"})
+    [event] = await client.events(1)
+    assert event["data"] == envelope
+    await client.send({"action": "subscribe", "channels": ["order.*"], "id": "order"})
+    assert (await client.recv_action("error"))["code"] == "FORBIDDEN"
+
+
+# --- Origin allow-list --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def origin_node(redis_server: Any) -> Iterator[NodeProcess]:
+    yield from module_node(redis_server, "auth-origin", PUSH_ALLOWED_ORIGINS="https://app.delta.example")
+
+
+async def test_origin_outside_the_allow_list_is_forbidden_4003(origin_node, connect):
+    code = await refusal(connect, origin_node, token(user()), headers={"Origin": "https://evil.example"})
+    assert code == ("FORBIDDEN", 4003)
+
+
+async def test_origin_on_the_allow_list_is_accepted(origin_node, connect):
+    sub = user()
+    welcome = await accepted(connect, origin_node, token(sub), headers={"Origin": "https://app.delta.example"})
+    assert welcome["userId"] == sub
+
+
+async def test_client_without_origin_is_accepted_by_an_origin_allow_list(origin_node, connect):
+    """Only browsers send Origin, and the allow-list protects browsers (as in Centrifugo and gorilla/websocket)."""
+    sub = user()
+    assert (await accepted(connect, origin_node, token(sub)))["userId"] == sub
+
+
 # --- expiry and refresh during a connection ----------------------------------------------
 
 
@@ -326,6 +362,17 @@ async def test_refresh_before_expiry_keeps_the_connection_open(shared_node, conn
         pytest.fail(f"connection got {message} after a refresh")
     await client.send({"action": "ping"})
     assert (await client.recv())["action"] == "pong"
+
+
+async def test_refreshed_token_expiry_is_the_new_deadline(shared_node, connect):
+    sub = user()
+    client = await connect(shared_node, token=token(sub, ttl=600))
+    await client.send({"action": "auth", "token": token(sub, ttl=2)})
+    reply = await client.recv_action("authenticated")
+    assert reply["expiresAt"] < client.welcome["expiresAt"]
+    error = await client.recv_action("error", timeout=5)
+    assert error["code"] == "TOKEN_EXPIRED"
+    assert await client.closed() == 4001
 
 
 async def test_refresh_with_a_different_sub_is_refused(shared_node, connect):

@@ -152,6 +152,17 @@ async def test_priority_option_applies_to_its_own_subscription_only(shared_node,
     assert [e["data"] for e in await events_until(client, marker)] == [trades]
 
 
+async def test_event_is_delivered_when_any_matching_subscription_admits_its_priority(shared_node, connect):
+    k = uid("k")
+    client: WsClient = await connect(shared_node)
+    await client.subscribe(["market.*"], request_id="urgent-only", priority="p0")
+    await client.subscribe([f"market.ticker:{k}"], request_id="all")
+    envelope = publish(shared_node.redis_url, "market.ticker", {}, key=k, priority="p3")
+    publish(shared_node.redis_url, "market.trades", {}, key=k, priority="p3")
+    marker = publish(shared_node.redis_url, "market.trades", {}, key=k, priority="p0")
+    assert [e["data"] for e in await events_until(client, marker)] == [envelope]
+
+
 # --- patterns ---------------------------------------------------------------------------------
 
 
@@ -176,6 +187,17 @@ async def test_patterns_match_end_to_end(shared_node, connect):
     for pattern, client in clients.items():
         received = [e["data"]["id"] for e in await events_until(client, marker)]
         assert received == [e["id"] for e in expected[pattern]], pattern
+
+
+async def test_patterns_apply_to_private_events_too(shared_node, connect):
+    alice = uid("alice")
+    wanted = await subscribed(connect, shared_node, ["backtest.progress:bt-1"], token(alice))
+    other = await subscribed(connect, shared_node, ["backtest.progress:bt-2", "backtest.completed"], token(alice))
+    envelope = publish(shared_node.redis_url, "backtest.progress", {"pct": 50}, key="bt-1", user_id=alice)
+    marker = publish(shared_node.redis_url, "backtest.progress", {"pct": 100}, key="bt-1", user_id=alice)
+    assert [e["data"] for e in await events_until(wanted, marker)] == [envelope]
+    end = publish(shared_node.redis_url, "backtest.progress", {}, key="bt-2", user_id=alice)
+    assert await events_until(other, end) == []
 
 
 async def test_event_channel_names_the_type_and_key(shared_node, connect):
@@ -289,6 +311,20 @@ async def test_legacy_other_json_is_wrapped_as_spirit_notification(shared_node, 
     assert data["version"] == "1.0"
     assert uuid.UUID(data["id"])
     assert before - 1000 <= data["timestamp"] <= int(time.time() * 1000) + 1000
+
+
+async def test_legacy_message_with_a_user_id_is_private_to_that_user(shared_node, connect):
+    alice, bob = uid("alice"), uid("bob")
+    owner = await subscribed(connect, shared_node, ["spirit.*"], token(alice))
+    other = await subscribed(connect, shared_node, ["spirit.*"], token(bob))
+    message = {"userId": alice, "text": "your strategy paused"}
+    publish_raw(shared_node.redis_url, "spirit:events", orjson.dumps(message))
+    marker = {"text": "for everyone"}
+    publish_raw(shared_node.redis_url, "spirit:events", orjson.dumps(marker))
+    received = [e["data"]["payload"] for e in await owner.events(2)]
+    assert received == [message, marker]
+    [event] = await other.events(1)
+    assert event["data"]["payload"] == marker
 
 
 # --- malformed and expired events -------------------------------------------------------------

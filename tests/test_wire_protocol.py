@@ -119,6 +119,18 @@ async def test_unsubscribe_is_acknowledged_and_stops_delivery(shared_node, conne
     await client.no_event(0.3)
 
 
+async def test_unsubscribe_removes_only_that_pattern(shared_node, connect):
+    client = await connect(shared_node)
+    channel_key = key()
+    await client.subscribe(["market.*", f"market.ticker:{channel_key}"])
+    await client.send({"action": "unsubscribe", "channels": ["market.*"]})
+    await client.recv_action("ack")
+    publish(shared_node.redis_url, "market.trades", {}, key=channel_key)
+    envelope = publish(shared_node.redis_url, "market.ticker", {}, key=channel_key)
+    [event] = await client.events(1)
+    assert event["data"] == envelope
+
+
 async def test_unsubscribe_of_a_pattern_never_subscribed_is_acknowledged(shared_node, connect):
     client = await connect(shared_node)
     await client.send({"action": "unsubscribe", "channels": ["market.orderbook"], "id": "u"})
