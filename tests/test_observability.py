@@ -126,6 +126,24 @@ async def test_ws_connections_total_rises_and_falls(shared_node, connect):
     )
 
 
+async def test_gauges_fall_when_the_node_closes_a_connection(shared_node, connect):
+    connections = shared_node.metric("ws_connections_total")
+    subscriptions = shared_node.metric("subscriptions_active")
+    client: WsClient = await connect(shared_node)
+    await client.subscribe(["market.*", "market.ticker"])
+    assert shared_node.metric("subscriptions_active") == subscriptions + 2
+    await client.send('{"action":"ping","pad":"' + "x" * 70_000 + '"}')
+    assert await client.closed() == 1009
+    await async_wait_until(
+        lambda: (
+            (shared_node.metric("ws_connections_total"), shared_node.metric("subscriptions_active"))
+            == (connections, subscriptions)
+        ),
+        timeout=5,
+        message="gauges back after a server-side close",
+    )
+
+
 async def test_refused_connection_is_not_an_open_connection(shared_node, connect):
     before = shared_node.metric("ws_connections_total")
     client = await connect(shared_node, token="garbage", expect_welcome=False)
