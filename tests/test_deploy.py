@@ -19,6 +19,7 @@ image, promtool comes with Debian's ``prometheus`` package).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import re
 import shlex
@@ -52,7 +53,7 @@ SETTING_ENV = {env for env, _flag, _default, _help in SETTINGS}
 NODE_JOB = "delta-push-node"
 ROUTER_JOB = "delta-push-router"
 ROUTER_PORT = 8080  # SPEC §10: router on 8080, nodes on 8081...
-ROUTER_PATHS = {"/ws", "/v1/route", "/v1/cluster", "/healthz", "/readyz", "/metrics"}  # SPEC §7
+SPEC_ROUTER_PATHS = {"/ws", "/v1/route", "/v1/cluster", "/healthz", "/readyz", "/metrics"}  # SPEC §7
 SPEC_SUBCOMMANDS = {"up", "node", "router", "publish", "tail", "token"}  # SPEC §10
 # Oldest Kubernetes we claim to support, and the newest the bundled schemas know.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
@@ -104,6 +105,19 @@ def node_paths() -> set[str]:
 
     app = create_app(Settings(), broker=MemoryBroker())
     return {resource.canonical for resource in app.router.resources()}
+
+
+@cache
+def router_paths() -> set[str]:
+    """The router's routes, from its app once router/app.py exists (issue 4), else SPEC §7's list."""
+    if importlib.util.find_spec("router.app") is None:
+        return SPEC_ROUTER_PATHS
+    from router.app import create_app
+
+    app = create_app(Settings(port=ROUTER_PORT))
+    paths = {resource.canonical for resource in app.router.resources()}
+    assert paths >= SPEC_ROUTER_PATHS, f"the router lacks {SPEC_ROUTER_PATHS - paths}"
+    return paths
 
 
 @cache
@@ -417,7 +431,7 @@ def test_prometheus_scrapes_every_router_and_node_and_loads_the_alerts() -> None
         expected[ROUTER_JOB if svc["command"][0] == "router" else NODE_JOB].add(f"{name}:{port}")
     for job_name, targets in expected.items():
         job = jobs[job_name]
-        assert job.get("metrics_path", "/metrics") == "/metrics" and "/metrics" in node_paths() & ROUTER_PATHS
+        assert job.get("metrics_path", "/metrics") == "/metrics" and "/metrics" in node_paths() & router_paths()
         assert {t for sc in job["static_configs"] for t in sc["targets"]} == targets
     prometheus = compose()["services"]["prometheus"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
@@ -866,7 +880,7 @@ def test_deployment_commands_ports_probes_and_drain_match_the_code() -> None:
         assert settings.port == expected_port, f"{where}: listens on {settings.port}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"http": settings.port}
-        paths = node_paths() if role(doc) == "node" else ROUTER_PATHS
+        paths = node_paths() if role(doc) == "node" else router_paths()
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path and path in paths, f"{where}: {probe}"
