@@ -10,8 +10,9 @@ Without ``--target`` it starts a private redis-server and ``pushctl node``
 processes on free ports (127.0.0.1 only), runs locust headless against them and
 stops them. With ``--target`` (a WebSocket URL; ``caps`` accepts a comma list,
 one per node) it only runs locust: give the cluster's ``--redis-url`` and its
-``--jwt-secret`` (or ``PUSH_JWT_SECRET``). Extra locust arguments go after
-``--``. The exit code is locust's: 0 PASS, 1 FAIL; the last line says which.
+``--jwt-secret`` (or ``PUSH_JWT_SECRET``). Any other argument (after ``--``,
+or unknown to this wrapper) is passed to locust. The exit code is locust's:
+0 PASS, 1 FAIL; the last line printed says which.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"start the node with PUSH_EVENTS_PER_SECOND={HIGH_LIMIT}: the rate-limit suite must FAIL",
     )
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak: seconds of load (default 60)")
-    parser.add_argument("locust_args", nargs="*", help="extra locust arguments (after --)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    args.locust_args = [a for a in extra if a != "--"]
     suite = SUITES[args.suite]
     procs.raise_nofile()
     children: list[procs.Child] = []
