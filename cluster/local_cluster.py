@@ -1,0 +1,317 @@
+"""``pushctl up``: a whole local cluster in one command (SPEC §10).
+
+Picks its event bus in this order and says which: the Redis at ``REDIS_URL``
+if it answers; else a private ``redis-server`` started on a free port (if the
+binary is installed); else one in-process node and router sharing an
+in-memory bus and membership. The router listens on ``--port`` (8080) and
+nodes on the ports after it (8081…), each a ``python -m cluster.cli``
+subprocess in its own session, so Ctrl-C reaches only ``up``, which then stops
+them in order (router and nodes drain, then the private Redis) and exits.
+Children also get SIGTERM if ``up`` itself dies (Linux ``PR_SET_PDEATHSIG``).
+
+If ``PUSH_JWT_SECRET`` is unset a random one is generated, handed to the
+children and printed with the command that makes a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from cluster.settings import Settings, add_setting_flags, settings_from_args
+
+ROUTER_PORT = 8080
+PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url"}
+"""Settings ``up`` chooses for each process itself."""
+START_TIMEOUT_SECONDS = 20.0
+STOP_GRACE_SECONDS = 5.0
+ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
+
+
+def add_up_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="number of push nodes (default 3)")
+    parser.add_argument(
+        "--port", type=int, default=ROUTER_PORT, help=f"router port (default {ROUTER_PORT}); nodes use the next ones"
+    )
+    add_setting_flags(parser, [f.name for f in fields(Settings) if f.name not in PER_PROCESS])
+
+
+def up(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.nodes < 1:
+        print("pushctl up: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    ports = [args.port + i for i in range(args.nodes + 1)]
+    busy = [port for port in ports if not _port_free(settings.host, port)]
+    if busy:
+        print(f"pushctl up: port(s) {', '.join(map(str, busy))} already in use (try --port)", file=sys.stderr)
+        return 1
+    if not settings.jwt_secret:
+        settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
+        print("pushctl up: PUSH_JWT_SECRET was not set; generated one for this cluster:")
+        print(f"  export PUSH_JWT_SECRET={settings.jwt_secret}")
+        print("  token: pushctl token --sub alice   (add --admin for /v1/cluster)")
+
+    if _redis_answers(settings.redis_url):
+        print(f"pushctl up: using the Redis at {_safe(settings.redis_url)} (REDIS_URL)")
+        return LocalCluster(settings, ports, args, redis=None).run()
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        redis = PrivateRedis(binary)
+        print(f"pushctl up: no Redis at {_safe(settings.redis_url)}; starting a private redis-server on {redis.url}")
+        if not redis.start():
+            print("pushctl up: the private redis-server did not start", file=sys.stderr)
+            redis.stop()
+            return 1
+        return LocalCluster(replace(settings, redis_url=redis.url), ports, args, redis=redis).run()
+    print(
+        f"pushctl up: no Redis at {_safe(settings.redis_url)} and no redis-server installed: running ONE in-process "
+        "node with an in-memory bus (events can only come from inside this process; --nodes is ignored)"
+    )
+    return run_in_process(settings, ports[0], ports[1])
+
+
+class PrivateRedis:
+    """A throwaway redis-server on a free port, without persistence."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> bool:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if _redis_answers(self.url):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, STOP_GRACE_SECONDS)
+            self.proc = None
+
+
+class LocalCluster:
+    """A router and N nodes as subprocesses, stopped together."""
+
+    def __init__(self, settings: Settings, ports: list[int], args: argparse.Namespace, redis: PrivateRedis | None):
+        self.settings = settings
+        self.ports = ports
+        self.redis = redis
+        self.env = _child_env(settings, args)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = threading.Event()
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", *command, "--redis-url", self.settings.redis_url],
+            env=self.env,
+            cwd=ROOT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            host = "127.0.0.1"
+            router_port, node_ports = self.ports[0], self.ports[1:]
+            for i, port in enumerate(node_ports, start=1):
+                self._spawn(f"node-{i}", ["node", "--port", str(port), "--node-id", f"node-{i}"])
+            self._spawn("router", ["router", "--port", str(router_port)])
+            checks = {f"node-{i}": port for i, port in enumerate(node_ports, start=1)} | {"router": router_port}
+            if not self._wait_ready(host, checks):
+                return 0 if self.stopping.is_set() else 1
+            print(f"router  ws://{host}:{router_port}/ws   http://{host}:{router_port}/readyz  /v1/route  /v1/cluster")
+            for i, port in enumerate(node_ports, start=1):
+                print(f"node-{i}  ws://{host}:{port}/ws")
+            print("pushctl up: ready. Ctrl-C stops everything.", flush=True)
+            self._watch()
+            return 0
+        finally:
+            self._stop_all()
+
+    def _wait_ready(self, host: str, checks: dict[str, int]) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        waiting = dict(checks)
+        while waiting:
+            if self.stopping.is_set():
+                return False
+            for name, port in list(waiting.items()):
+                code = self.procs[name].poll()
+                if code is not None:
+                    print(f"pushctl up: {name} exited with code {code} while starting", file=sys.stderr)
+                    return False
+                if _http_ok(f"http://{host}:{port}/readyz"):
+                    del waiting[name]
+            if time.monotonic() > deadline:
+                print(f"pushctl up: not ready in time: {', '.join(waiting)}", file=sys.stderr)
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _watch(self) -> None:
+        reported: set[str] = set()
+        while not self.stopping.wait(0.5):
+            for name, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None and name not in reported:
+                    reported.add(name)
+                    print(f"pushctl up: {name} exited with code {code}", file=sys.stderr, flush=True)
+
+    def _stop_all(self) -> None:
+        """Router and nodes drain together (SIGTERM), then the private Redis goes."""
+        if self.procs:
+            print("pushctl up: stopping", flush=True)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        grace = self.settings.drain_seconds + STOP_GRACE_SECONDS
+        for proc in self.procs.values():
+            _stop(proc, grace, signalled=True)
+        if self.redis is not None:
+            self.redis.stop()
+        if self.procs:
+            print("pushctl up: stopped", flush=True)
+
+
+def run_in_process(settings: Settings, router_port: int, node_port: int) -> int:
+    """One node and one router in this process on an in-memory bus and membership."""
+    import asyncio
+
+    from cluster.broker import MemoryBroker
+    from cluster.logs import configure
+    from cluster.membership import MemoryMembership
+    from node.app import run_loop
+    from node.app import serve as serve_node
+    from router.app import serve as serve_router
+
+    configure(settings.log_level)
+    print(f"router  ws://127.0.0.1:{router_port}/ws   http://127.0.0.1:{router_port}/readyz")
+    print(f"node-1  ws://127.0.0.1:{node_port}/ws")
+    print("pushctl up: Ctrl-C stops everything.", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        membership = MemoryMembership(settings.heartbeat_seconds, settings.node_ttl_seconds)
+        await asyncio.gather(
+            serve_node(replace(settings, port=node_port, node_id="node-1"), MemoryBroker(), stop, membership),
+            serve_router(replace(settings, port=router_port), stop, membership),
+        )
+
+    run_loop(main())
+    print("pushctl up: stopped", flush=True)
+    return 0
+
+
+def _child_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every child: ours, plus each setting given as a flag, plus the JWT secret."""
+    env = dict(os.environ)
+    for f in fields(Settings):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name not in PER_PROCESS:
+            env[f.metadata["env"]] = _env_value(value)
+    env["PUSH_JWT_SECRET"] = settings.jwt_secret
+    env.pop("PUSH_PORT", None)
+    env.pop("PUSH_NODE_ID", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float, signalled: bool = False) -> None:
+    if proc.poll() is not None:
+        return
+    if not signalled:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when ``up`` dies, so nothing is left behind."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: children then outlive a killed `up`
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _safe(url: str) -> str:
+    """A Redis URL without its password, for printing."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

@@ -1,0 +1,255 @@
+"""A router (SPEC §7): the stateless front door that maps users onto push nodes.
+
+Serves ``/ws`` (the WebSocket proxy of :mod:`router.proxy`), ``/v1/route``
+(``{"node","url"}`` for clients that connect straight to a node),
+``/v1/cluster`` (admin token: nodes, connections, ring share, health),
+``/healthz``, ``/readyz`` (Redis reachable and at least one live node) and
+``/metrics``. It keeps no state of its own beyond its live view of the
+membership (:mod:`cluster.membership`) and per-IP rate buckets, so any number
+of routers can stand behind an L4 load balancer. On SIGTERM it stops accepting
+and sends its proxied clients ``reconnect`` + 1012 spread over the drain window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cluster.auth import AuthError, TokenVerifier
+from cluster.logs import configure, log
+from cluster.membership import Membership, NodeInfo, RedisMembership
+from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, ROUTER_NODES, ROUTER_ROUTES, render
+from cluster.protocol import ErrorCode
+from cluster.ring import Ring, routing_key
+from cluster.settings import Settings
+from node.endpoint import authenticate, token_from_request
+from router.admission import ConnectionRateLimiter, client_ip
+from router.proxy import Relay, websocket_handler
+
+DRAIN_CONCURRENCY = 100
+PROBE_TIMEOUT_SECONDS = 1.0
+
+
+class RouterState:
+    """Everything one router holds; shared by its request handlers."""
+
+    def __init__(self, settings: Settings, membership: Membership | None = None) -> None:
+        self.settings = settings
+        self.owns_membership = membership is None
+        self.membership = membership or RedisMembership.from_url(
+            settings.redis_url, settings.heartbeat_seconds, settings.node_ttl_seconds
+        )
+        self.membership.on_ring_change(self._ring_changed)
+        ROUTER_NODES.set(len(self.membership.ring))
+        self.verifier = TokenVerifier(settings)
+        self.limiter = ConnectionRateLimiter(settings.router_ip_rate, settings.router_ip_burst)
+        self.relays: set[Relay] = set()
+        self.draining = False
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "router not started"
+        return self._session
+
+    def _ring_changed(self, old: Ring, new: Ring) -> None:
+        ROUTER_NODES.set(len(new))
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, connect=3.0, sock_connect=2.0),
+            auto_decompress=False,
+        )
+        if self.owns_membership:
+            self._tasks.append(asyncio.create_task(self.membership.watch(), name="membership"))
+
+    async def drain(self) -> None:
+        """Stop accepting and send every proxied client back through the load balancer, paced."""
+        self.draining = True
+        relays = list(self.relays)
+        log("router_drain", connections=len(relays), seconds=self.settings.drain_seconds)
+        if not relays:
+            return
+        pause = self.settings.drain_seconds / len(relays)
+        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
+
+        async def move(relay: Relay) -> None:
+            async with gate:
+                await relay.reconnect("router is shutting down")
+
+        moving = []
+        for relay in relays:
+            moving.append(asyncio.create_task(move(relay)))
+            await asyncio.sleep(pause)
+        await asyncio.gather(*moving, return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self.owns_membership:
+            await self.membership.close()
+
+    def owner(self, key: str) -> NodeInfo | None:
+        node_id = self.membership.ring.node_for(key)
+        return None if node_id is None else self.membership.nodes.get(node_id)
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers or None)
+
+
+async def route(request: web.Request) -> web.Response:
+    """``{"node","url"}``: where this client should connect (token optional, node rules)."""
+    state: RouterState = request.app["router"]
+    settings = state.settings
+    if not state.limiter.allow(client_ip(request, settings), asyncio.get_running_loop().time()):
+        CONNECTIONS_REJECTED.labels("rate_limited").inc()
+        message = f"more than {settings.router_ip_rate:g} new connections per second from this address"
+        return _error(429, ErrorCode.RATE_LIMITED, message, **{"Retry-After": "1"})
+    try:
+        identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
+    except AuthError as exc:
+        AUTH_FAILURES.labels(exc.reason).inc()
+        return _error(401, exc.code, exc.message)
+    info = state.owner(routing_key(identity))
+    if info is None:
+        return _error(503, ErrorCode.INTERNAL, "no push node is available")
+    ROUTER_ROUTES.labels(info.id).inc()
+    return web.json_response({"node": info.id, "url": info.url})
+
+
+async def cluster_view(request: web.Request) -> web.Response:
+    """The cluster as this router sees it (admin token required)."""
+    state: RouterState = request.app["router"]
+    token = token_from_request(request)
+    if token is None:
+        return _error(401, ErrorCode.UNAUTHORIZED, "an admin token is required")
+    try:
+        identity = authenticate(state.verifier, token, allow_anonymous=False)
+    except AuthError as exc:
+        AUTH_FAILURES.labels(exc.reason).inc()
+        return _error(401, exc.code, exc.message)
+    if not identity.is_admin:
+        return _error(403, ErrorCode.FORBIDDEN, "the admin role is required")
+    membership = state.membership
+    nodes = sorted(membership.nodes.values(), key=lambda n: n.id)
+    shares = membership.ring.shares()
+    ready = await asyncio.gather(*(_probe(state, node) for node in nodes))
+    proxied: dict[str, int] = {}
+    for relay in state.relays:
+        proxied[relay.node_id] = proxied.get(relay.node_id, 0) + 1
+    healthy_age_ms = 3 * membership.heartbeat_seconds * 1000
+    body = {
+        "nodes": [
+            {
+                "id": node.id,
+                "url": node.url,
+                "internalUrl": node.internal_url,
+                "connections": node.connections,
+                "share": round(shares.get(node.id, 0.0), 4),
+                "ready": is_ready,
+                "healthy": is_ready and membership.now_ms - node.updated_at <= healthy_age_ms,
+                "heartbeatAgeMs": max(0, membership.now_ms - node.updated_at),
+                "startedAt": node.started_at,
+                "proxied": proxied.get(node.id, 0),
+            }
+            for node, is_ready in zip(nodes, ready, strict=True)
+        ],
+        "connections": sum(node.connections for node in nodes),
+        "redis": membership.connected,
+        "router": {"proxied": len(state.relays), "draining": state.draining},
+    }
+    return web.json_response(body)
+
+
+async def _probe(state: RouterState, node: NodeInfo) -> bool:
+    try:
+        async with state.session.get(
+            node.internal_url + "/readyz", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS)
+        ) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return False
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "role": "router"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state: RouterState = request.app["router"]
+    redis_ok = await state.membership.ping()
+    nodes = len(state.membership.ring)
+    ready = redis_ok and nodes > 0 and not state.draining
+    body = {
+        "status": "ready" if ready else "not ready",
+        "role": "router",
+        "redis": redis_ok,
+        "nodes": nodes,
+        "draining": state.draining,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def create_app(settings: Settings, membership: Membership | None = None) -> web.Application:
+    app = web.Application()
+    state = RouterState(settings, membership)
+    app["router"] = state
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/v1/route", route)
+    app.router.add_get("/v1/cluster", cluster_view)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await state.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await state.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None, membership: Membership | None = None) -> None:
+    """Run a router until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
+    app = create_app(settings, membership)
+    state: RouterState = app["router"]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
+    await site.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log("router_started", port=settings.port, membership="redis" if state.owns_membership else "memory")
+    await stop.wait()
+    await state.drain()
+    await runner.cleanup()
+    log("router_stopped", port=settings.port)
+
+
+def run(settings: Settings) -> None:
+    from node.app import run_loop
+
+    configure(settings.log_level)
+    run_loop(serve(settings))

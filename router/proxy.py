@@ -1,0 +1,275 @@
+"""The router's ``/ws``: admit a client, pick its node on the ring, relay frames both ways.
+
+Admission uses the node's own rules and codes (SPEC §4–§5, the functions of
+:mod:`node.endpoint`), after the upgrade so browsers can see why: per-IP rate
+(RATE_LIMITED, 1008), Origin (4003), token (4001). Then the owning node of the
+token's ``sub`` (a random key for anonymous clients) is dialled with the
+client's query string, ``Authorization`` and ``Origin``, and its IP in
+``X-Forwarded-For``; if that node cannot be reached the next node on the ring
+is tried once. The node verifies the token again — it never trusts the router.
+
+After the upgrade, frames are relayed as they are: the payload bytes of each
+frame from one side are written as one frame to the other (``decode_text=False``
+on both sides, so nothing is decoded, parsed or re-encoded). Close codes and
+reasons pass through both ways; a node that disappears without a close frame
+(crash, SIGKILL) becomes ``{"action":"reconnect"}`` and close 1012, so the
+client comes back through the router to the next owner. Backpressure is end to
+end: a slow client stops the relay reading from the node, and the node applies
+its slow-consumer policy (4008), which then passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from cluster import protocol
+from cluster.auth import AuthError
+from cluster.logs import RateLimitedLog, log
+from cluster.metrics import (
+    AUTH_FAILURES,
+    CONNECTIONS_REJECTED,
+    ROUTER_PROXIED_CONNECTIONS,
+    ROUTER_PROXY_ERRORS,
+    ROUTER_ROUTES,
+    WS_CONNECTIONS,
+)
+from cluster.protocol import CloseCode, ErrorCode
+from cluster.ring import routing_key
+from node.endpoint import authenticate, reject, token_from_request
+from router.admission import client_ip
+
+if TYPE_CHECKING:
+    from router.app import RouterState
+
+CONNECT_ATTEMPTS = 2  # the owner, then the next node on the ring
+CLOSE_TIMEOUT_SECONDS = 2.0
+FORWARDED_HEADERS = ("Authorization", "Origin", "User-Agent")
+DATA_FRAMES = (WSMsgType.TEXT, WSMsgType.BINARY)
+
+_log_rejected = RateLimitedLog(per_second=5)
+_log_proxy_error = RateLimitedLog(per_second=5)
+
+
+def sendable_close_code(code: int | None) -> bool:
+    """Whether ``code`` may be put in a close frame (RFC 6455 §7.4)."""
+    return code is not None and (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999)
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    state: RouterState = request.app["router"]
+    settings = state.settings
+    ip = client_ip(request, settings)
+
+    if state.draining:
+        ws = await _accept(request, state)
+        CONNECTIONS_REJECTED.labels("draining").inc()
+        await _send_reconnect(ws, "router is stopping")
+        return ws
+    if not state.limiter.allow(ip, asyncio.get_running_loop().time()):
+        _log_rejected("connection_rejected", logging.WARNING, reason="rate_limited", remote=ip)
+        ws = await _accept(request, state)
+        await reject(
+            ws,
+            ErrorCode.RATE_LIMITED,
+            f"more than {settings.router_ip_rate:g} new connections per second from this address",
+            CloseCode.FLOODING,
+            "rate_limited",
+        )
+        return ws
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins and origin not in settings.allowed_origins:
+        ws = await _accept(request, state)
+        await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
+        return ws
+    try:
+        identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
+    except AuthError as exc:
+        AUTH_FAILURES.labels(exc.reason).inc()
+        _log_rejected("auth_failure", logging.WARNING, reason=exc.reason, remote=ip)
+        ws = await _accept(request, state)
+        await reject(ws, exc.code, exc.message, CloseCode.UNAUTHORIZED, "unauthorized")
+        return ws
+
+    upstream, node_id = await _dial(state, routing_key(identity), request, ip)
+    if upstream is None or node_id is None:
+        ws = await _accept(request, state)
+        await reject(ws, ErrorCode.INTERNAL, "no push node is available", CloseCode.INTERNAL, "no_node")
+        return ws
+    try:
+        ws = await _accept(request, state, upstream.protocol)
+    except BaseException:
+        await upstream.close(code=1001, message=b"client went away")
+        raise
+    relay = Relay(ws, upstream, node_id)
+    state.relays.add(relay)
+    ROUTER_ROUTES.labels(node_id).inc()
+    ROUTER_PROXIED_CONNECTIONS.labels(node_id).inc()
+    WS_CONNECTIONS.inc()
+    log("proxy_connect", node=node_id, user=identity.user_id, remote=ip)
+    try:
+        await relay.run()
+    finally:
+        state.relays.discard(relay)
+        ROUTER_PROXIED_CONNECTIONS.labels(node_id).dec()
+        WS_CONNECTIONS.dec()
+        log("proxy_disconnect", node=node_id, user=identity.user_id, reason=relay.reason, code=relay.code)
+    return ws
+
+
+async def _accept(request: web.Request, state: RouterState, protocol_name: str | None = None) -> web.WebSocketResponse:
+    settings = state.settings
+    ws = web.WebSocketResponse(
+        protocols=(protocol_name,) if protocol_name else (),
+        heartbeat=settings.ws_heartbeat or None,
+        max_msg_size=settings.max_frame_bytes * 4,  # the node answers oversized frames itself (1009)
+        compress=False,
+        decode_text=False,
+        timeout=CLOSE_TIMEOUT_SECONDS,
+    )
+    await ws.prepare(request)
+    return ws
+
+
+async def _dial(
+    state: RouterState, key: str, request: web.Request, ip: str
+) -> tuple[aiohttp.ClientWebSocketResponse | None, str | None]:
+    """Open the WebSocket to the key's owner (or the next node on the ring if it is unreachable)."""
+    headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+    headers["X-Forwarded-For"] = ip
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    membership = state.membership
+    for node_id in islice(membership.ring.candidates(key), CONNECT_ATTEMPTS):
+        info = membership.nodes.get(node_id)
+        if info is None:
+            continue
+        url = _ws_url(info.internal_url)
+        try:
+            upstream = await state.session.ws_connect(
+                url,
+                params=request.query,
+                headers=headers,
+                protocols=offered,
+                autoping=True,
+                heartbeat=None,  # the node pings; aiohttp answers for us
+                max_msg_size=0,  # the node bounds what it sends
+                compress=0,
+                decode_text=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_SECONDS),
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            ROUTER_PROXY_ERRORS.labels("connect").inc()
+            _log_proxy_error("proxy_connect_failed", logging.WARNING, node=node_id, reason=type(exc).__name__)
+            continue
+        return upstream, node_id
+    if not membership.ring:
+        ROUTER_PROXY_ERRORS.labels("no_node").inc()
+    return None, None
+
+
+def _ws_url(internal_url: str) -> str:
+    base = internal_url.rstrip("/")
+    if base.startswith("https://"):
+        return "wss://" + base[len("https://") :] + "/ws"
+    if base.startswith("http://"):
+        return "ws://" + base[len("http://") :] + "/ws"
+    return base + "/ws"
+
+
+async def _send_reconnect(ws: web.WebSocketResponse, reason: str) -> None:
+    try:
+        await ws.send_str(protocol.reconnect(reason))
+        await ws.close(code=CloseCode.RECONNECT, message=reason.encode()[:120])
+    except (ConnectionError, RuntimeError):
+        pass  # the client left first
+
+
+class Relay:
+    """One proxied connection: client frames go to the node, node frames go to the client."""
+
+    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, node_id: str) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.node_id = node_id
+        self.finished = False  # one side ended; the other is being closed
+        self.reason = ""
+        self.code: int | None = None
+
+    async def run(self) -> None:
+        downstream = asyncio.get_running_loop().create_task(self._node_to_client())
+        try:
+            await self._client_to_node()
+            if not self.upstream.closed:  # the client side ended first (or the router is stopping)
+                await self.upstream.close(code=1001, message=b"client went away")
+            await downstream
+        finally:
+            if not downstream.done():
+                downstream.cancel()
+            if not self.upstream.closed:
+                await self.upstream.close(code=1001, message=b"client went away")
+
+    async def _client_to_node(self) -> None:
+        client, upstream = self.client, self.upstream
+        while True:
+            msg = await client.receive()
+            kind = msg.type
+            if kind in DATA_FRAMES:
+                try:
+                    await upstream.send_frame(msg.data, kind)
+                except (ConnectionError, RuntimeError):
+                    continue  # the node is going away; _node_to_client sees how and tells the client
+                continue
+            if self.finished:
+                return
+            self.finished = True
+            if kind is WSMsgType.CLOSE:
+                code = msg.data if sendable_close_code(msg.data) else 1000
+                self.reason, self.code = "client closed", msg.data
+                await self.upstream.close(code=code, message=(msg.extra or "").encode()[:120])
+            else:
+                self.reason, self.code = "client lost", client.close_code
+                await self.upstream.close(code=1001, message=b"client went away")
+            return
+
+    async def _node_to_client(self) -> None:
+        client, upstream = self.client, self.upstream
+        while True:
+            msg = await upstream.receive()
+            kind = msg.type
+            if kind in DATA_FRAMES:
+                try:
+                    await client.send_frame(msg.data, kind)
+                except (ConnectionError, RuntimeError):
+                    pass  # the client is gone; _client_to_node sees it and closes the node side
+                continue
+            if self.finished:
+                return
+            self.finished = True
+            if kind is WSMsgType.CLOSE and sendable_close_code(msg.data):
+                self.reason, self.code = "node closed", msg.data
+                await _close(client, msg.data, msg.extra or "")
+            else:
+                ROUTER_PROXY_ERRORS.labels("upstream_lost").inc()
+                self.reason, self.code = "node lost", CloseCode.RECONNECT
+                await _send_reconnect(client, "push node lost")
+            return
+
+    async def reconnect(self, reason: str) -> None:
+        """Send the client back through the router (this router is stopping)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.reason, self.code = reason, CloseCode.RECONNECT
+        await _send_reconnect(self.client, reason)
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    try:
+        await ws.close(code=code, message=reason.encode()[:120])
+    except (ConnectionError, RuntimeError):
+        pass  # the client left first
