@@ -336,7 +336,7 @@ def test_dockerfile_entrypoint_healthcheck_and_ports_match_the_code() -> None:
     compile(code, "HEALTHCHECK", "exec")
     assert "/healthz" in code and "/healthz" in node_paths()
     assert "PUSH_PORT" in code and "PUSH_PORT" in SETTING_ENV
-    assert f"'{Settings().port}'" in code, "the probe's fallback port is the node's default port"
+    assert f"'{Settings().port}'" in code and f"'{ROUTER_PORT}'" in code, "the probe falls back to the default ports"
     exposed = {int(p) for ins, arg in final if ins == "EXPOSE" for p in arg.split()}
     assert {Settings().port, ROUTER_PORT} <= exposed
     env = dict(
