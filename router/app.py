@@ -30,6 +30,7 @@ from cluster.settings import Settings
 from node.endpoint import authenticate, token_from_request
 from router.admission import ConnectionRateLimiter, client_ip
 from router.proxy import Relay, websocket_handler
+from router.static import add_static_routes
 
 DRAIN_CONCURRENCY = 100
 PROBE_TIMEOUT_SECONDS = 1.0
@@ -216,6 +217,7 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    add_static_routes(app)  # the live event page (/) and the browser client (/web/)
 
     async def on_startup(app: web.Application) -> None:
         await state.start()
