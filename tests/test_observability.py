@@ -134,6 +134,7 @@ async def test_gauges_fall_when_the_node_closes_a_connection(shared_node, connec
     assert shared_node.metric("subscriptions_active") == subscriptions + 2
     await client.send('{"action":"ping","pad":"' + "x" * 70_000 + '"}')
     assert await client.closed() == 1009
+    await client.ws.close()  # complete the closing handshake, as a browser does
     await async_wait_until(
         lambda: (
             (shared_node.metric("ws_connections_total"), shared_node.metric("subscriptions_active"))
