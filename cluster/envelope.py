@@ -219,13 +219,17 @@ def build_envelope(
 def wrap_legacy(message: Any, raw: bytes) -> Envelope:
     """A legacy ``spirit:events`` message as an envelope (SPEC §3).
 
-    An envelope keeps its type; any other JSON becomes ``spirit.notification``
-    with the message as payload and source ``spirit``. A legacy object's
+    A valid envelope keeps its type; any other JSON (an object with ``id`` and
+    ``type`` fields that is not a valid envelope included) becomes
+    ``spirit.notification`` with the message as payload and source ``spirit``. A legacy object's
     ``userId`` / ``sessionId`` (if strings) make the notification private, as
     the legacy service meant it.
     """
     if type(message) is dict and "id" in message and "type" in message:
-        return validate(message, raw)
+        try:
+            return validate(message, raw)
+        except EnvelopeError:
+            pass  # legacy objects often carry their own id/type: not an envelope, so wrapped below
     doc: dict[str, Any] = {
         "id": str(uuid.uuid4()),
         "type": "spirit.notification",

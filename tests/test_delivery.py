@@ -313,6 +313,15 @@ async def test_legacy_other_json_is_wrapped_as_spirit_notification(shared_node, 
     assert before - 1000 <= data["timestamp"] <= int(time.time() * 1000) + 1000
 
 
+async def test_legacy_object_with_its_own_id_and_type_is_wrapped_not_dropped(shared_node, connect):
+    client = await subscribed(connect, shared_node, ["spirit.*"], token(uid("alice")))
+    message = {"id": 981, "type": "state_change", "state": "idle"}
+    publish_raw(shared_node.redis_url, "spirit:events", orjson.dumps(message))
+    [event] = await client.events(1)
+    assert event["channel"] == "spirit.notification"
+    assert event["data"]["payload"] == message
+
+
 async def test_legacy_message_with_a_user_id_is_private_to_that_user(shared_node, connect):
     alice, bob = uid("alice"), uid("bob")
     owner = await subscribed(connect, shared_node, ["spirit.*"], token(alice))
@@ -349,7 +358,7 @@ def malformed_messages() -> list[tuple[str, bytes]]:
         ("events:order.filled:bad key!", orjson.dumps(raw_envelope())),
         ("events:NOT_A_TYPE", orjson.dumps(raw_envelope())),
         ("spirit:events", b"{{{"),
-        ("spirit:events", orjson.dumps(raw_envelope("spirit.state_change", timestamp=1.5))),
+        ("spirit:events", b"\xff"),
     ]
 
 

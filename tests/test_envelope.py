@@ -383,6 +383,16 @@ def test_legacy_other_json_is_wrapped_as_spirit_notification(message):
     assert abs(doc["timestamp"] - time.time() * 1000) < 5000
 
 
+@pytest.mark.parametrize(
+    "message",
+    [{"id": 17, "type": "state_change", "text": "hi"}, {"id": "x", "type": "spirit.state_change"}],
+)
+def test_legacy_object_with_id_and_type_that_is_not_an_envelope_is_wrapped(message):
+    wrapped = wrap_legacy(message, raw(message))
+    assert wrapped.type == "spirit.notification"
+    assert orjson.loads(wrapped.raw)["payload"] == message
+
+
 def test_legacy_message_with_user_id_stays_private():
     wrapped = wrap_legacy({"userId": "alice", "text": "hi"}, b"")
     assert wrapped.user_id == "alice"
