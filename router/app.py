@@ -15,94 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from cluster.auth import AuthError, TokenVerifier
+from cluster.auth import AuthError
 from cluster.logs import configure, log
-from cluster.membership import Membership, NodeInfo, RedisMembership
-from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, ROUTER_NODES, ROUTER_ROUTES, render
+from cluster.membership import Membership, NodeInfo
+from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, ROUTER_ROUTES, render
 from cluster.protocol import ErrorCode
-from cluster.ring import Ring, routing_key
+from cluster.ring import routing_key
 from cluster.settings import Settings
 from node.endpoint import authenticate, token_from_request
-from router.admission import ConnectionRateLimiter, client_ip
-from router.proxy import Relay, websocket_handler
+from router.admission import client_ip
+from router.proxy import websocket_handler
+from router.state import ROUTER_STATE, RouterState
 from router.static import add_static_routes
 
-DRAIN_CONCURRENCY = 100
 PROBE_TIMEOUT_SECONDS = 1.0
-
-
-class RouterState:
-    """Everything one router holds; shared by its request handlers."""
-
-    def __init__(self, settings: Settings, membership: Membership | None = None) -> None:
-        self.settings = settings
-        self.owns_membership = membership is None
-        self.membership = membership or RedisMembership.from_url(
-            settings.redis_url, settings.heartbeat_seconds, settings.node_ttl_seconds
-        )
-        self.membership.on_ring_change(self._ring_changed)
-        ROUTER_NODES.set(len(self.membership.ring))
-        self.verifier = TokenVerifier(settings)
-        self.limiter = ConnectionRateLimiter(settings.router_ip_rate, settings.router_ip_burst)
-        self.relays: set[Relay] = set()
-        self.draining = False
-        self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "router not started"
-        return self._session
-
-    def _ring_changed(self, old: Ring, new: Ring) -> None:
-        ROUTER_NODES.set(len(new))
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None, connect=3.0, sock_connect=2.0),
-            auto_decompress=False,
-        )
-        if self.owns_membership:
-            self._tasks.append(asyncio.create_task(self.membership.watch(), name="membership"))
-
-    async def drain(self) -> None:
-        """Stop accepting and send every proxied client back through the load balancer, paced."""
-        self.draining = True
-        relays = list(self.relays)
-        log("router_drain", connections=len(relays), seconds=self.settings.drain_seconds)
-        if not relays:
-            return
-        pause = self.settings.drain_seconds / len(relays)
-        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
-
-        async def move(relay: Relay) -> None:
-            async with gate:
-                await relay.reconnect("router is shutting down")
-
-        moving = []
-        for relay in relays:
-            moving.append(asyncio.create_task(move(relay)))
-            await asyncio.sleep(pause)
-        await asyncio.gather(*moving, return_exceptions=True)
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-        if self.owns_membership:
-            await self.membership.close()
-
-    def owner(self, key: str) -> NodeInfo | None:
-        node_id = self.membership.ring.node_for(key)
-        return None if node_id is None else self.membership.nodes.get(node_id)
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -111,7 +41,7 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
 
 async def route(request: web.Request) -> web.Response:
     """``{"node","url"}``: where this client should connect (token optional, node rules)."""
-    state: RouterState = request.app["router"]
+    state: RouterState = request.app[ROUTER_STATE]
     settings = state.settings
     if not state.limiter.allow(client_ip(request, settings), asyncio.get_running_loop().time()):
         CONNECTIONS_REJECTED.labels("rate_limited").inc()
@@ -131,7 +61,7 @@ async def route(request: web.Request) -> web.Response:
 
 async def cluster_view(request: web.Request) -> web.Response:
     """The cluster as this router sees it (admin token required)."""
-    state: RouterState = request.app["router"]
+    state: RouterState = request.app[ROUTER_STATE]
     token = token_from_request(request)
     if token is None:
         return _error(401, ErrorCode.UNAUTHORIZED, "an admin token is required")
@@ -188,7 +118,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state: RouterState = request.app["router"]
+    state: RouterState = request.app[ROUTER_STATE]
     redis_ok = await state.membership.ping()
     nodes = len(state.membership.ring)
     ready = redis_ok and nodes > 0 and not state.draining
@@ -210,7 +140,7 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(settings: Settings, membership: Membership | None = None) -> web.Application:
     app = web.Application()
     state = RouterState(settings, membership)
-    app["router"] = state
+    app[ROUTER_STATE] = state
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/v1/route", route)
     app.router.add_get("/v1/cluster", cluster_view)
@@ -233,7 +163,7 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
 async def serve(settings: Settings, stop: asyncio.Event | None = None, membership: Membership | None = None) -> None:
     """Run a router until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
     app = create_app(settings, membership)
-    state: RouterState = app["router"]
+    state = app[ROUTER_STATE]
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)

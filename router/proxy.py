@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from itertools import islice
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -43,9 +42,7 @@ from cluster.protocol import CloseCode, ErrorCode
 from cluster.ring import routing_key
 from node.endpoint import authenticate, reject, token_from_request
 from router.admission import client_ip
-
-if TYPE_CHECKING:
-    from router.app import RouterState
+from router.state import ROUTER_STATE, RouterState
 
 CONNECT_ATTEMPTS = 2  # the owner, then the next node on the ring
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -62,7 +59,7 @@ def sendable_close_code(code: int | None) -> bool:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    state: RouterState = request.app["router"]
+    state = request.app[ROUTER_STATE]
     settings = state.settings
     ip = client_ip(request, settings)
 

@@ -1,0 +1,95 @@
+"""What one router holds: its membership view, token verifier, per-IP buckets and live relays."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from cluster.auth import TokenVerifier
+from cluster.logs import log
+from cluster.membership import Membership, NodeInfo, RedisMembership
+from cluster.metrics import ROUTER_NODES
+from cluster.ring import Ring
+from cluster.settings import Settings
+from router.admission import ConnectionRateLimiter
+
+if TYPE_CHECKING:
+    from router.proxy import Relay
+
+DRAIN_CONCURRENCY = 100
+
+
+class RouterState:
+    """Everything one router holds; shared by its request handlers."""
+
+    def __init__(self, settings: Settings, membership: Membership | None = None) -> None:
+        self.settings = settings
+        self.owns_membership = membership is None
+        self.membership = membership or RedisMembership.from_url(
+            settings.redis_url, settings.heartbeat_seconds, settings.node_ttl_seconds
+        )
+        self.membership.on_ring_change(self._ring_changed)
+        ROUTER_NODES.set(len(self.membership.ring))
+        self.verifier = TokenVerifier(settings)
+        self.limiter = ConnectionRateLimiter(settings.router_ip_rate, settings.router_ip_burst)
+        self.relays: set[Relay] = set()
+        self.draining = False
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "router not started"
+        return self._session
+
+    def _ring_changed(self, old: Ring, new: Ring) -> None:
+        ROUTER_NODES.set(len(new))
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, connect=3.0, sock_connect=2.0),
+            auto_decompress=False,
+        )
+        if self.owns_membership:
+            self._tasks.append(asyncio.create_task(self.membership.watch(), name="membership"))
+
+    async def drain(self) -> None:
+        """Stop accepting and send every proxied client back through the load balancer, paced."""
+        self.draining = True
+        relays = list(self.relays)
+        log("router_drain", connections=len(relays), seconds=self.settings.drain_seconds)
+        if not relays:
+            return
+        pause = self.settings.drain_seconds / len(relays)
+        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
+
+        async def move(relay: Relay) -> None:
+            async with gate:
+                await relay.reconnect("router is shutting down")
+
+        moving = []
+        for i, relay in enumerate(relays):
+            if i:
+                await asyncio.sleep(pause)
+            moving.append(asyncio.create_task(move(relay)))
+        await asyncio.gather(*moving, return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self.owns_membership:
+            await self.membership.close()
+
+    def owner(self, key: str) -> NodeInfo | None:
+        node_id = self.membership.ring.node_for(key)
+        return None if node_id is None else self.membership.nodes.get(node_id)
+
+
+ROUTER_STATE = web.AppKey("router", RouterState)
