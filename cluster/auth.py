@@ -108,7 +108,8 @@ class TokenVerifier:
                 algorithms=algorithms,
                 audience=self._audience,
                 issuer=self._issuer,
-                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+                # iat is informational (RFC 7519 §4.1.6): an issuer whose clock runs ahead must not lock users out
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None, "verify_iat": False},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "expired", "token has expired") from None

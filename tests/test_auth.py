@@ -170,6 +170,12 @@ async def test_token_without_sub_is_refused(shared_node, connect):
     assert await refusal(connect, shared_node, no_sub) == ("UNAUTHORIZED", 4001)
 
 
+async def test_token_issued_by_a_clock_running_ahead_is_accepted(shared_node, connect):
+    sub = user()
+    ahead = jwt.encode(claims(sub, iat=int(time.time()) + 60), JWT_SECRET, algorithm="HS256")
+    assert (await accepted(connect, shared_node, ahead))["userId"] == sub
+
+
 async def test_token_via_authorization_bearer_header(shared_node, connect):
     sub = user()
     client = await connect(shared_node, headers={"Authorization": f"Bearer {token(sub)}"})
