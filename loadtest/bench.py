@@ -56,6 +56,7 @@ SETUP_CONCURRENCY = 200
 SETUP_TIMEOUT = 60.0
 STORM_TIMEOUT = 30.0
 GRACE_SECONDS = 5.0
+INTERFERENCE = 0.25  # share of the server's core used by anything else before a row is flagged as disturbed
 NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -77,6 +78,16 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as handle:
         fields = handle.read().rpartition(b")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Time CPU ``cpu`` was busy (everything but idle and iowait), from /proc/stat, in seconds."""
+    with open("/proc/stat", "rb") as handle:
+        for line in handle:
+            if line.startswith(f"cpu{cpu} ".encode()):
+                values = [int(v) for v in line.split()[1:]]
+                return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
+    return 0.0
 
 
 def rss_kb(pid: int) -> int:
@@ -336,6 +347,8 @@ class Row:
     rss_kb_per_conn: float | None = None
     connect_seconds: float | None = None
     cpu_us_per_connect: float | None = None
+    server_cpu: float | None = None
+    server_core_busy: float | None = None
     generator_cpu: float | None = None
     lagged: int = 0
     failed_connections: int = 0
@@ -466,18 +479,20 @@ class Bench:
                 preexec_fn=procs.child_setup(None, signal.SIGKILL),
             )
             await asyncio.sleep(max(0.0, start + warmup - self.loop.time()))
-            cpu0, sent0, t0, gen0 = (
+            cpu0, sent0, t0, gen0, core0 = (
                 cpu_seconds(self.server.pid),
                 stats.delivered,
                 self.loop.time(),
                 cpu_seconds(os.getpid()),
+                cpu_busy_seconds(SERVER_CPU),
             )
             await asyncio.sleep(max(0.0, start + duration - self.loop.time()))
-            cpu1, sent1, t1, gen1 = (
+            cpu1, sent1, t1, gen1, core1 = (
                 cpu_seconds(self.server.pid),
                 stats.delivered,
                 self.loop.time(),
                 cpu_seconds(os.getpid()),
+                cpu_busy_seconds(SERVER_CPU),
             )
             try:
                 out, err = await asyncio.wait_for(publisher.communicate(), timeout=30)
@@ -505,7 +520,10 @@ class Bench:
         row.delivery_ratio = stats.delivered / row.expected if row.expected else None
         if delivered_in_window:
             row.cpu_us_per_delivery = (cpu1 - cpu0) * 1e6 / delivered_in_window
-        row.generator_cpu = (gen1 - gen0) / window if window > 0 else None
+        if window > 0:
+            row.generator_cpu = (gen1 - gen0) / window
+            row.server_cpu = (cpu1 - cpu0) / window
+            row.server_core_busy = (core1 - core0) / window
         ordered = sorted(stats.latencies_us)
         row.p50_ms, row.p99_ms, row.max_ms = (
             percentile(ordered, 0.5),
@@ -569,6 +587,8 @@ COLUMNS = [
     ("KB/conn", "rss_kb_per_conn", 7, ".1f"),
     ("connect s", "connect_seconds", 9, ".2f"),
     ("CPU µs/conn", "cpu_us_per_connect", 11, ".0f"),
+    ("srv CPU", "server_cpu", 7, ".0%"),
+    ("CPU0 busy", "server_core_busy", 9, ".0%"),
     ("gen CPU", "generator_cpu", 7, ".0%"),
 ]
 
@@ -724,6 +744,14 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     notes = [f"{r.workload} / {r.server}: {r.note}" for r in rows if r.note]
     notes += [f"{r.workload} / {r.server}: errors {r.errors}" for r in rows if r.errors]
     notes += [f"{r.workload} / {r.server}: {r.lagged} events reported lagged" for r in rows if r.lagged]
+    notes += [
+        f"{r.workload} / {r.server}: CPU {SERVER_CPU} was {r.server_core_busy:.0%} busy but the server used "
+        f"{r.server_cpu:.0%}: other processes competed for its core, so this row is disturbed — rerun on a quiet machine"
+        for r in rows
+        if r.server_core_busy is not None
+        and r.server_cpu is not None
+        and r.server_core_busy - r.server_cpu > INTERFERENCE
+    ]
     for note in notes:
         print("note: " + note)
     if nchan_state not in ("nchan",) and not args.no_nchan:
