@@ -393,3 +393,14 @@ async def test_event_past_its_ttl_is_never_delivered(shared_node, connect):
     publish_raw(shared_node.redis_url, "events:order.filled", orjson.dumps(fresh))
     assert await events_until(client, fresh) == []
     assert shared_node.metric("events_dropped_total", 'reason="expired"') >= expired_before + 1
+
+
+async def test_envelope_limit_is_configurable(start_node, connect):
+    node = start_node(node_id="delivery-small-envelopes", PUSH_MAX_ENVELOPE_BYTES="2048")
+    alice = uid("alice")
+    client = await subscribed(connect, node, ["order.*"], token(alice))
+    big = raw_envelope(userId=alice, payload="x" * 2048)
+    publish_raw(node.redis_url, "events:order.filled", orjson.dumps(big))
+    small = publish(node.redis_url, "order.filled", {"small": True}, user_id=alice)
+    assert await events_until(client, small) == []
+    assert node.metric("events_dropped_total", 'reason="malformed"') == 1

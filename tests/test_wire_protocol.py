@@ -305,3 +305,12 @@ async def test_huge_frame_closes_1009(shared_node, connect):
     await client.send(ping_frame(1_000_000))
     assert await client.closed() == 1009
     await assert_node_serves_another_client(shared_node, connect)
+
+
+async def test_frame_limit_is_configurable(start_node, connect):
+    node = start_node(node_id="wire-small-frames", PUSH_MAX_FRAME_BYTES="1024")
+    client = await connect(node)
+    await client.send(ping_frame(1024))
+    assert (await client.recv())["action"] == "pong"
+    await client.send(ping_frame(1025))
+    assert await client.closed() == 1009
