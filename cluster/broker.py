@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.logs import log
-from cluster.metrics import REDIS_RECONNECTS
+from cluster.metrics import BUS_CONNECTED, REDIS_RECONNECTS
 
 EVENTS_PATTERN = "events:*"
 EVENTS_PREFIX = "events:"
@@ -84,6 +84,7 @@ class RedisBroker(Broker):
                 if self.on_ready is not None:
                     await self.on_ready()
                 self.ready.set()
+                BUS_CONNECTED.set(1)
                 if lost:
                     REDIS_RECONNECTS.inc()
                     log("redis_reconnected", url=_safe_url(self.url))
@@ -92,6 +93,7 @@ class RedisBroker(Broker):
                 await self._pump(pubsub, handler)
             except BUS_ERRORS as exc:
                 self.ready.clear()
+                BUS_CONNECTED.set(0)
                 if not lost:
                     log("redis_lost", logging.WARNING, url=_safe_url(self.url), reason=type(exc).__name__)
                 lost = True

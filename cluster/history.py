@@ -170,8 +170,8 @@ class History:
                     found.append(name)
         return found
 
-    async def after(self, cursor: Cursor, patterns: list[Pattern]) -> dict[Pattern, Replay]:
-        """For each pattern, the events after ``cursor`` on every channel it matches."""
+    async def after(self, cursor: Cursor, patterns: list[Pattern], limit: int | None = None) -> dict[Pattern, Replay]:
+        """For each pattern, the events after ``cursor`` on every channel it matches (at most ``limit``)."""
         if not cursor.epoch or cursor.epoch != await self.epoch():
             return {p: LOST for p in patterns}
         position = cursor.position or await self.locate(cursor)
@@ -180,16 +180,16 @@ class History:
         start = _position(position)
         result: dict[Pattern, Replay] = {}
         for pattern in patterns:
-            result[pattern] = await self._replay(pattern, position, start)
+            result[pattern] = await self._replay(pattern, position, start, limit or self.max_events)
         return result
 
-    async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int]) -> Replay:
+    async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int], limit: int) -> Replay:
         merged: list[tuple[tuple[int, int], str, bytes]] = []
         for name in await self.channels(pattern):
             key = STREAM_PREFIX + name
             pipe = self._client.pipeline(transaction=False)
             pipe.xinfo_stream(key)
-            pipe.xrange(key, min=b"(" + position, max="+", count=self.max_events + 1)
+            pipe.xrange(key, min=b"(" + position, max="+", count=limit + 1)
             try:
                 info, entries = await pipe.execute()
             except aioredis.ResponseError:
@@ -197,10 +197,10 @@ class History:
             deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
             if deleted and _position(deleted if isinstance(deleted, bytes) else str(deleted).encode()) > start:
                 return LOST  # entries newer than the cursor were trimmed away
-            if len(entries) > self.max_events:
+            if len(entries) > limit:
                 return LOST
             merged.extend((_position(entry_id), name, fields[b"e"]) for entry_id, fields in entries)
         merged.sort(key=lambda item: item[0])
-        if len(merged) > self.max_events:
+        if len(merged) > limit:
             return LOST
         return Replay(True, [(name, envelope) for _, name, envelope in merged])

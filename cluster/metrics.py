@@ -24,6 +24,7 @@ CONNECTIONS_REJECTED = Counter(
     "connections_rejected_total", "Connections refused or closed by policy, by reason.", ["reason"]
 )
 REDIS_RECONNECTS = Counter("redis_reconnects_total", "Times the bus connection was lost and re-established.")
+BUS_CONNECTED = Gauge("bus_connected", "1 while this process is subscribed to the Redis bus, 0 while it is reconnecting.")
 PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clients, by code.", ["code"])
 
 

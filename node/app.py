@@ -31,7 +31,7 @@ from node.membership import NodePresence
 from node.recovery import Recovery
 
 DRAIN_CONCURRENCY = 100
-EPOCH_REFRESH_SECONDS = 2.0
+EPOCH_REFRESH_SECONDS = 1.0
 
 
 class NodeState:
@@ -48,11 +48,18 @@ class NodeState:
         self.draining = False
         history = History(client, settings.history_size) if client is not None else None
         self.recovery = Recovery(self.hub, history, settings.max_envelope_bytes)
+        self.bus_position: str | None = None  # history position while the bus was last up
+        self._bus_was_up = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.presence = NodePresence(self, membership)
 
     async def on_bus_ready(self) -> None:
         self.hub.epoch = self.broker.epoch
+        if self._bus_was_up:
+            caught_up = await self.recovery.catch_up(self.bus_position, list(self.hub.connections.values()))
+            log("bus_catch_up", node=self.node_id, events=caught_up)
+        self._bus_was_up = True
+        self.bus_position = await self.recovery.position() or self.bus_position
         with contextlib.suppress(*BUS_ERRORS):
             await self.slots.renew_all()
         await self.presence.join()  # before the bus is ready: a ready node is routable
@@ -61,17 +68,21 @@ class NodeState:
         self.broker.on_ready = self.on_bus_ready
         self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
         self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
-        self._tasks.append(asyncio.create_task(self._refresh_epoch(), name="epoch"))
+        self._tasks.append(asyncio.create_task(self._follow_history(), name="history"))
         self._tasks.extend(asyncio.create_task(work) for work in self.presence.start())
 
-    async def _refresh_epoch(self) -> None:
-        """Follow the history epoch: a flushed Redis gets a new one without a reconnect."""
+    async def _follow_history(self) -> None:
+        """Follow the history epoch (a flushed Redis gets a new one without a reconnect) and
+        remember the history position, from which a bus catch-up starts after an outage."""
         if not isinstance(self.broker, RedisBroker):
             return
         while True:
             await asyncio.sleep(EPOCH_REFRESH_SECONDS)
+            if not self.broker.ready.is_set():
+                continue
             with contextlib.suppress(*BUS_ERRORS):
                 self.hub.epoch = await self.broker.load_epoch()
+                self.bus_position = await self.recovery.position() or self.bus_position
 
     async def _renew_slots(self) -> None:
         while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Iterable, Iterator
 
 import orjson
@@ -29,6 +30,7 @@ from node.queue import CONFLATED_TYPES
 LEGACY_CHANNEL_BYTES = LEGACY_CHANNEL.encode()
 EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 CHANNEL_CACHE_SIZE = 10_000
+RECENT_IDS = 20_000  # event ids remembered to make a bus catch-up idempotent
 
 
 class Hub:
@@ -43,6 +45,7 @@ class Hub:
         self.index: dict[Pattern, dict[ClientConnection, Subscription]] = {}
         self._channels: dict[bytes, tuple[str, Channel, tuple[Pattern, ...]]] = {}
         self._log_bad_event = RateLimitedLog(per_second=5)
+        self._recent_ids: OrderedDict[str, None] = OrderedDict()
 
     # --- connections and subscriptions -------------------------------------------
 
@@ -137,6 +140,12 @@ class Hub:
                 detail=str(exc)[:200],
             )
             return
+        recent = self._recent_ids
+        if envelope.id in recent:
+            return  # already delivered: a bus catch-up after a reconnect overlaps the live stream
+        recent[envelope.id] = None
+        if len(recent) > RECENT_IDS:
+            recent.popitem(last=False)
         EVENTS_PUBLISHED.inc()
         self.dispatch(name, channel, candidates, envelope)
 

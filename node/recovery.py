@@ -16,13 +16,16 @@ import time
 
 from cluster import protocol
 from cluster.broker import BUS_ERRORS
-from cluster.channels import Pattern, parse_channel
+from cluster.channels import ANY, NO_KEY, Pattern, parse_channel
 from cluster.envelope import EnvelopeError, parse_envelope
-from cluster.history import History, Replay, make_cursor, parse_cursor
+from cluster.history import Cursor, History, Replay, make_cursor, parse_cursor
 from cluster.logs import log
 from node.connection import ClientConnection, Subscription, count_drop, text_frame
-from node.hub import Hub
+from node.hub import EVENTS_PREFIX_BYTES, Hub
 from node.queue import CONFLATED_TYPES
+
+EVERYTHING = Pattern(ANY, NO_KEY)
+CATCH_UP_LIMIT = 20_000
 
 
 class Recovery:
@@ -52,6 +55,35 @@ class Recovery:
             return await self.history.position()
         except BUS_ERRORS:
             return None
+
+    async def catch_up(self, last_position: str | None, connections: list[ClientConnection]) -> int:
+        """After a bus reconnect, deliver from history what was published while the node was away.
+
+        ``last_position`` is a position cursor read while the bus was up. If Redis came
+        back with a new epoch, its whole (new) history was published after the outage
+        began. Events already delivered are skipped by the hub's recent-id memory. If
+        history cannot cover the gap, subscribed clients get ``lagged`` with reason
+        ``bus_interrupted`` (``dropped`` 0: the count is unknown) instead of silence.
+        """
+        if self.history is None or last_position is None:
+            return 0
+        cursor = parse_cursor(last_position)
+        try:
+            epoch = await self.history.epoch()
+            if cursor is None or cursor.epoch != epoch:
+                cursor = Cursor(epoch, position=b"0-0")
+            replays = await self.history.after(cursor, [EVERYTHING], limit=CATCH_UP_LIMIT)
+        except BUS_ERRORS:
+            replays = {}
+        replay = replays.get(EVERYTHING)
+        if replay is None or not replay.recovered:
+            for conn in connections:
+                if conn.subscriptions:
+                    conn.send_control(protocol.lagged(0, "bus_interrupted"))
+            return 0
+        for name, raw in replay.events:
+            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), raw)
+        return len(replay.events)
 
     def resume(self, conn: ClientConnection, subscriptions: list[Subscription], replays: dict[Pattern, Replay]) -> None:
         """Offer replayed then held events, once each, and switch the subscriptions to live."""
