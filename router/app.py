@@ -22,12 +22,11 @@ from aiohttp import web
 from cluster.auth import AuthError
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
-from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, ROUTER_ROUTES, render
+from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES, render
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
 from node.endpoint import authenticate, token_from_request
-from router.admission import client_ip
 from router.proxy import websocket_handler
 from router.state import ROUTER_STATE, RouterState
 from router.static import add_static_routes
@@ -40,13 +39,14 @@ def _error(status: int, code: str, message: str, **headers: str) -> web.Response
 
 
 async def route(request: web.Request) -> web.Response:
-    """``{"node","url"}``: where this client should connect (token optional, node rules)."""
+    """``{"node","url"}``: where this client should connect (token optional, node rules).
+
+    Not counted against the per-IP connection limit: a lookup opens no connection
+    and costs one token check and one hash, and the connection it leads to is
+    made to a node, which the router cannot limit anyway.
+    """
     state: RouterState = request.app[ROUTER_STATE]
     settings = state.settings
-    if not state.limiter.allow(client_ip(request, settings), asyncio.get_running_loop().time()):
-        CONNECTIONS_REJECTED.labels("rate_limited").inc()
-        message = f"more than {settings.router_ip_rate:g} new connections per second from this address"
-        return _error(429, ErrorCode.RATE_LIMITED, message, **{"Retry-After": "1"})
     try:
         identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
     except AuthError as exc:

@@ -276,8 +276,7 @@ async def test_burst_of_300_connections_from_one_ip_is_limited_while_another_ip_
         assert rejected > 0, f"no rejection in a burst of 300 over {elapsed:.2f}s"
         assert accepted >= 200  # the burst is let through
         print(f"burst of 300 over {elapsed:.2f}s: {accepted} accepted, {rejected} rejected")
-        statuses = {router.get("/v1/route")[0] for _ in range(50)}  # the bucket is (nearly) empty
-        assert 429 in statuses
+        assert router.get("/v1/route")[0] == 200  # a lookup is not a connection
         other = await open_ws(router.url, source="127.0.0.2")
         try:
             assert (await other.recv())["action"] == "welcome"
