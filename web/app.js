@@ -186,8 +186,11 @@ function onState(state, detail) {
     log("warn", `disconnected${describeClose(detail)} · retry in ${detail.retryIn} ms`);
   } else if (state === "closed") {
     page.connectedAt = null;
+    for (const entry of page.subscriptions.values()) entry.status = "closed";
+    renderChips();
     if (detail.fatal) {
-      const text = `Connection refused${describeClose(detail)}. Not retrying: ${advice(detail.code)}`;
+      const what = detail.previous === "connected" ? "Connection closed by the server" : "Connection refused";
+      const text = `${what}${describeClose(detail)}. Not retrying: ${advice(detail.code)}`;
       log("error", text);
       showBanner(text, detail.code);
       $("connect").textContent = "Connect";
