@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from cluster.broker import BUS_ERRORS
 from cluster.logs import log
@@ -37,6 +38,9 @@ from cluster.ring import Ring
 NODES_KEY = "push:nodes"
 NODE_KEY_PREFIX = "push:node:"
 MEMBERSHIP_CHANNEL = "push:membership"
+
+MEMBERSHIP_ERRORS = (*BUS_ERRORS, RedisError)
+"""What a membership call may raise when Redis is gone, restarting, read-only or confused."""
 
 RingListener = Callable[[Ring, Ring], None]
 """Called synchronously with (old ring, new ring) whenever the set of live nodes changes."""
@@ -226,7 +230,7 @@ class RedisMembership(Membership):
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), 1.0))
-        except (TimeoutError, *BUS_ERRORS):
+        except (TimeoutError, *MEMBERSHIP_ERRORS):
             return False
 
     async def watch(self) -> None:
@@ -243,7 +247,7 @@ class RedisMembership(Membership):
                     lost = False
                 backoff = 0.1
                 await self._follow(pubsub)
-            except BUS_ERRORS as exc:
+            except MEMBERSHIP_ERRORS as exc:
                 self.connected = False
                 if not lost:
                     log("membership_lost", logging.WARNING, reason=type(exc).__name__)
@@ -253,7 +257,7 @@ class RedisMembership(Membership):
             finally:
                 try:
                     await pubsub.aclose()
-                except BUS_ERRORS:
+                except MEMBERSHIP_ERRORS:
                     pass  # the connection is already gone
 
     async def _follow(self, pubsub: aioredis.client.PubSub) -> None:

@@ -15,9 +15,18 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Coroutine
 
+from redis.exceptions import RedisError
+
 from cluster.broker import BUS_ERRORS, Broker, RedisBroker
 from cluster.logs import RateLimitedLog, log
-from cluster.membership import Membership, MemoryMembership, NodeInfo, RedisMembership, checkpoint
+from cluster.membership import (
+    MEMBERSHIP_ERRORS,
+    Membership,
+    MemoryMembership,
+    NodeInfo,
+    RedisMembership,
+    checkpoint,
+)
 from cluster.settings import Settings
 from node.rebalance import Rebalancer
 
@@ -64,8 +73,14 @@ class NodePresence:
         async with self._lock:
             if self.leaving:
                 return
-            await self.membership.announce(self.info(), join=True)
-            self.registered = True
+            self.registered = True  # from now on heartbeats keep the lease, and re-join after any loss
+            try:
+                await self.membership.announce(self.info(), join=True)
+            except BUS_ERRORS:
+                raise  # the bus reconnects and calls join again
+            except RedisError as exc:
+                log("join_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__)
+                return
         log("node_registered", node=self.state.node_id, url=self.state.settings.effective_public_url)
 
     def start(self) -> list[Coroutine[Any, Any, None]]:
@@ -80,7 +95,7 @@ class NodePresence:
                     continue
                 try:
                     await self.membership.announce(self.info())
-                except BUS_ERRORS as exc:
+                except MEMBERSHIP_ERRORS as exc:
                     self._log_failure(
                         "heartbeat_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__
                     )
@@ -95,7 +110,7 @@ class NodePresence:
                 return
             try:
                 await asyncio.wait_for(self.membership.withdraw(self.state.node_id), WITHDRAW_TIMEOUT_SECONDS)
-            except (TimeoutError, *BUS_ERRORS) as exc:
+            except (TimeoutError, *MEMBERSHIP_ERRORS) as exc:
                 log("withdraw_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__)
                 return
         log("node_withdrawn", node=self.state.node_id)
