@@ -54,7 +54,7 @@ class Settings:
     jwt_algorithms: tuple[str, ...] = _setting(
         (),
         "PUSH_JWT_ALGORITHMS",
-        "Allowed JWT algorithms (comma list); default HS256 with a secret, RS256,ES256 with a public key.",
+        "Allowed JWT algorithms (comma list); default HS256 with a secret plus RS256,ES256 with a public key.",
         _csv,
     )
     jwt_audience: str = _setting("", "PUSH_JWT_AUDIENCE", "Required `aud` claim, if set.")
@@ -152,12 +152,6 @@ class Settings:
     @property
     def effective_internal_url(self) -> str:
         return (self.internal_url or f"http://127.0.0.1:{self.port}").rstrip("/")
-
-    @property
-    def effective_jwt_algorithms(self) -> tuple[str, ...]:
-        if self.jwt_algorithms:
-            return self.jwt_algorithms
-        return ("RS256", "ES256") if self.jwt_public_key and not self.jwt_secret else ("HS256",)
 
     def public_limits(self) -> dict[str, Any]:
         """The limits a client is told about in its welcome message."""

@@ -81,7 +81,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     remote = request.headers.get("X-Forwarded-For", request.remote or "").split(",")[0].strip() or None
 
     origin = request.headers.get("Origin")
-    if settings.allowed_origins and origin not in settings.allowed_origins:
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return ws
     if state.draining:

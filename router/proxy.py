@@ -80,7 +80,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )
         return ws
     origin = request.headers.get("Origin")
-    if settings.allowed_origins and origin not in settings.allowed_origins:
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         ws = await _accept(request, state)
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return ws
