@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 from conftest import JWT_SECRET, PUSHCTL, ROOT, node_env, publish
 
 from cluster.auth import issue_token
@@ -110,8 +111,10 @@ def wait_live(page: Any, timeout: float = 10.0) -> str:
 def test_page_served_by_the_router_connects_and_shows_published_events(start_node, start_router, open_page):
     node = start_node("web-1")
     router = start_router()
-    page = open_page(page_url(router, "alice"))
-    assert "token=" not in page.url, "the token is taken out of the address bar"
+    page = open_page(router.http + "/")  # a new user: the page, a token to paste, Connect
+    assert page.get_attribute("#state", "data-state") == "idle"
+    page.fill("#token", issue_token(JWT_SECRET, "alice", ttl_seconds=3600))
+    page.click("#connect")
     assert wait_live(page) == "web-1"
     assert page.inner_text("#user") == "alice"
 
@@ -146,6 +149,7 @@ def test_page_follows_a_draining_node_and_shows_the_events_published_meanwhile_o
     nodes = {node.node_id: node for node in (start_node("web-a"), start_node("web-b"))}
     router = start_router()
     page = open_page(page_url(router, "carol", channels="order.*"))
+    assert "token=" not in page.url, "the token is taken out of the address bar"
     first_node = wait_live(page)
     redis_url = nodes[first_node].redis_url
 
@@ -187,6 +191,28 @@ def test_page_follows_a_draining_node_and_shows_the_events_published_meanwhile_o
     log = page.inner_text("#log")
     assert "asked to reconnect" in log and "resumed from cursor" in log
     page.screenshot(path=str(SHOTS / "delta-push-browser-reconnected.png"))
+
+
+def test_page_shows_drops_and_lost_history(start_node, start_router, open_page, private_redis):
+    slow = {"PUSH_QUEUE_SIZE": "5", "PUSH_EVENTS_PER_SECOND": "2", "PUSH_EVENTS_BURST": "1"}
+    node = start_node("web-slow", redis=private_redis, **slow)
+    router = start_router(redis=private_redis)
+    page = open_page(page_url(router, "erin", channels="order.*"))
+    wait_live(page)
+    for n in range(30):
+        publish(private_redis.url, "order.filled", {"n": n}, user_id="erin", priority="p3")
+    page.wait_for_function("() => Number(document.getElementById('count-dropped').textContent) > 0")
+    assert "queue_full" in page.inner_text("#log")
+
+    # Redis loses the history while the page is away: it comes back to recovered: false
+    node.stop(signal.SIGTERM)
+    redis.Redis.from_url(private_redis.url).flushall()
+    node.start()
+    banner = page.wait_for_selector("#banner:not([hidden])", timeout=15_000)
+    assert "recovered: false for order.*" in banner.inner_text()
+    page.wait_for_selector('#subscriptions .sub-unrecovered[data-pattern="order.*"]')
+    assert page.inner_text("#count-unrecovered") == "1"
+    page.screenshot(path=str(SHOTS / "delta-push-browser-drops.png"))
 
 
 @pytest.mark.parametrize("ttl", [2, -60], ids=["expires-while-connected", "already-expired"])

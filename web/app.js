@@ -205,7 +205,11 @@ function describeClose(detail) {
   const parts = [];
   if (detail.code !== null && detail.code !== undefined) parts.push(`close ${detail.code}`);
   if (detail.reason) parts.push(detail.reason);
-  if (detail.error && detail.error.code) parts.push(`${detail.error.code}: ${detail.error.message}`);
+  const error = detail.error;
+  if (error && error.code) {
+    const said = detail.reason && String(error.message).startsWith(detail.reason);
+    parts.push(said ? error.code : `${error.code}: ${error.message}`); // the close reason already says it
+  }
   return parts.length ? ` (${parts.join(" — ")})` : "";
 }
 
