@@ -101,6 +101,13 @@ class Verdict:
         self.notes.append(message)
 
     def decide(self) -> int:
+        load = os.getloadavg()[0]
+        cpus = os.cpu_count() or 1
+        if load > cpus * 0.75:
+            self.note(
+                f"load average {load:.1f} on {cpus} CPUs: timings were disturbed by other processes "
+                "(a descheduled node saves up tokens and sends them on wake-up); rerun on a quiet machine"
+            )
         if not self.finished:
             self.failures.insert(0, "the suite did not finish (run time limit reached or stopped early)")
         if self.failures:
