@@ -103,7 +103,7 @@ class Verdict:
     def decide(self) -> int:
         load = os.getloadavg()[0]
         cpus = os.cpu_count() or 1
-        if load > cpus * 0.75:
+        if load > cpus:
             self.note(
                 f"load average {load:.1f} on {cpus} CPUs: timings were disturbed by other processes "
                 "(a descheduled node saves up tokens and sends them on wake-up); rerun on a quiet machine"
