@@ -137,12 +137,23 @@ class Membership(ABC):
         self.connected = False
         self.loaded = asyncio.Event()  # set after the first successful read
         self._listeners: list[RingListener] = []
+        # After Redis comes back (possibly empty) the nodes of the last view are kept for one
+        # lease, unless they announce that they leave: live nodes re-register within a heartbeat,
+        # and routing must not flap to "no node" in between.
+        self._grace: dict[str, NodeInfo] = {}
+        self._grace_until = 0.0
 
     def on_ring_change(self, listener: RingListener) -> None:
         self._listeners.append(listener)
 
     def _apply(self, nodes: dict[str, NodeInfo], now_ms: int) -> None:
         """Install a freshly read list; rebuild the ring only when the set of ids changed."""
+        if self._grace:
+            if time.monotonic() < self._grace_until:
+                for node_id, info in self._grace.items():
+                    nodes.setdefault(node_id, info)
+            else:
+                self._grace = {}
         self.nodes = nodes
         self.now_ms = now_ms
         self.connected = True
@@ -240,10 +251,13 @@ class RedisMembership(Membership):
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(MEMBERSHIP_CHANNEL)
+                if lost:
+                    self._grace = dict(self.nodes)
+                    self._grace_until = time.monotonic() + self.ttl_ms / 1000
                 await self.refresh()  # after subscribing: no announcement can fall in between
                 checkpoint()
                 if lost:
-                    log("membership_reconnected")
+                    log("membership_reconnected", kept=len(self._grace) or None)
                     lost = False
                 backoff = 0.1
                 await self._follow(pubsub)
@@ -270,7 +284,7 @@ class RedisMembership(Membership):
         """
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        listener = loop.create_task(_listen(pubsub, wake))
+        listener = loop.create_task(_listen(pubsub, wake, self._grace))
         listener.add_done_callback(lambda _: wake.set())
         timer: asyncio.TimerHandle | None = None
 
@@ -344,10 +358,20 @@ def checkpoint() -> None:
         raise asyncio.CancelledError
 
 
-async def _listen(pubsub: aioredis.client.PubSub, announced: asyncio.Event) -> None:
+async def _listen(pubsub: aioredis.client.PubSub, announced: asyncio.Event, grace: dict[str, NodeInfo]) -> None:
+    """Wake the reader on every announcement; a node that says it leaves loses its grace."""
     while True:
-        if await pubsub.get_message(timeout=None) is not None:
-            announced.set()
+        message = await pubsub.get_message(timeout=None)
+        if message is None:
+            continue
+        if grace:
+            try:
+                doc = orjson.loads(message["data"])
+            except (orjson.JSONDecodeError, TypeError):
+                doc = {}
+            if isinstance(doc, dict) and doc.get("event") == "leave":
+                grace.pop(str(doc.get("node")), None)
+        announced.set()
 
 
 def _now_ms() -> int:

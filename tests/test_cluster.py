@@ -171,6 +171,26 @@ async def test_node_that_crashed_and_restarts_rejoins(private_redis, start_route
     assert set(routes.values()) == {"node-1", "node-2"}
 
 
+async def test_membership_survives_a_redis_restart_without_routing_gaps(private_redis, start_router, nodes_to_stop):
+    nodes_to_stop.extend(start_nodes(private_redis, ["node-1", "node-2"]))
+    router = start_router(redis=private_redis, **UNLIMITED_ROUTER)
+    private_redis.kill()
+    wait_until(lambda: router.get("/readyz")[0] == 503, 5, message="router not ready without Redis")
+    status, body = router.get("/v1/route", token("alice"))
+    assert status == 200 and body["node"] in {"node-1", "node-2"}  # routing goes on from the last view
+    private_redis.start()  # same port, empty: the nodes must register again by themselves
+    registry = private_redis.client()
+    deadline = time.monotonic() + 10
+    while registry.zcard("push:nodes") < 2:
+        assert time.monotonic() < deadline, "nodes did not register again"
+        status, body = router.get("/v1/route", token("alice"))
+        assert status == 200, body  # never "no node" while they do
+        time.sleep(0.02)
+    wait_until(lambda: router.get("/readyz")[0] == 200, 5, message="router ready again")
+    routes = await route_many(router, USERS[:300])
+    assert set(routes.values()) == {"node-1", "node-2"}
+
+
 # --- pushctl up -------------------------------------------------------------------------------
 
 
