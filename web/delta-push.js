@@ -240,6 +240,7 @@ export class DeltaPush {
     this._welcomed = false;
     this._failures = 0;
     this._closing = true; // until connect()
+    this._generation = 0; // bumped by connect() and close(): an older _open() in flight gives up
     this._timers = { retry: null, connect: null, refresh: null, ping: null, grace: null };
     this._lastError = null;
     this._lastSeen = 0;
@@ -254,6 +255,7 @@ export class DeltaPush {
   connect() {
     if (!this._closing) return this;
     this._closing = false;
+    this._generation += 1;
     this.fatal = null;
     this._failures = 0;
     globalThis.addEventListener?.("online", this._onOnline);
@@ -264,6 +266,7 @@ export class DeltaPush {
   /** Close (1000) and stop reconnecting; subscriptions stay and resume on connect(). */
   close() {
     this._closing = true;
+    this._generation += 1;
     globalThis.removeEventListener?.("online", this._onOnline);
     this._clearTimer("retry");
     const ws = this._ws;
@@ -330,6 +333,7 @@ export class DeltaPush {
   // --- connection lifecycle ------------------------------------------------------------
 
   async _open() {
+    const generation = this._generation;
     this._setState("connecting", { attempt: this._failures });
     let token = this._token;
     if (this._getToken) {
@@ -337,13 +341,13 @@ export class DeltaPush {
         token = await this._getToken();
         this._token = token;
       } catch (error) {
-        if (this._closing) return;
+        if (generation !== this._generation) return;
         this._emit("error", { action: "error", code: "TOKEN_SOURCE", message: `getToken failed: ${error?.message ?? error}`, local: true });
         this._scheduleRetry({ code: null, reason: "getToken failed", error: null });
         return;
       }
     }
-    if (this._closing) return;
+    if (generation !== this._generation || this._ws) return; // closed, reconnected or already open meanwhile
     let ws;
     try {
       ws = new this._WebSocket(withToken(this.url, token));

@@ -240,3 +240,24 @@ test("server lagged notices and subscription errors reach the app", async () => 
   assert.equal(push.stats.serverDropped, 7);
   push.close();
 });
+
+test("close() and connect() while getToken is pending open exactly one socket", async () => {
+  let release;
+  const pending = [];
+  const { push, sockets } = client({
+    getToken: () =>
+      new Promise((resolve) => {
+        pending.push(resolve);
+        release = resolve;
+      }),
+  });
+  push.connect();
+  push.close();
+  push.connect();
+  for (const resolve of pending) resolve("tok");
+  release("tok");
+  await waitFor(() => sockets.length >= 1);
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(sockets.length, 1);
+  push.close();
+});
