@@ -68,6 +68,7 @@ function start() {
   });
   setInterval(tickClock, 1000);
   if (params.get("connect") !== "0" && token !== null) connect();
+  else log("info", "Paste a token and press Connect (empty: anonymous, public market channels only).");
 }
 
 function isPattern(text) {
@@ -448,7 +449,11 @@ function renderChips() {
 function renderCounts() {
   const client = page.client;
   if (client) page.counts.duplicates = client.stats.duplicates;
-  for (const [name, value] of Object.entries(page.counts)) $(`count-${name}`).textContent = value.toLocaleString("en-US");
+  for (const [name, value] of Object.entries(page.counts)) {
+    const dd = $(`count-${name}`);
+    dd.textContent = value.toLocaleString("en-US");
+    dd.toggleAttribute("data-nonzero", value > 0);
+  }
 }
 
 function log(level, text) {
