@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import itertools
 import math
 import os
 import platform
@@ -56,6 +57,8 @@ SETUP_CONCURRENCY = 200
 SETUP_TIMEOUT = 60.0
 STORM_TIMEOUT = 30.0
 GRACE_SECONDS = 5.0
+SAMPLE_SECONDS = 1.0
+MIN_CLEAN_SAMPLES = 3  # fewer undisturbed seconds than this: CPU per delivery over the whole window
 INTERFERENCE = 0.25  # share of the server's core used by anything else before a row is flagged as disturbed
 NCHAN_MODULE_DIRS = ("/usr/lib/nginx/modules", "/usr/share/nginx/modules")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -350,10 +353,22 @@ class Row:
     server_cpu: float | None = None
     server_core_busy: float | None = None
     generator_cpu: float | None = None
+    clean_seconds: str | None = None
     lagged: int = 0
     failed_connections: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     note: str = ""
+
+
+@dataclass
+class Sample:
+    """Counters read once per second during a steady window."""
+
+    at: float
+    delivered: int
+    server: float  # server process CPU seconds
+    core: float  # the server's core, busy seconds (anything running on it)
+    generator: float  # this process's CPU seconds
 
 
 def percentile(ordered: list[int], q: float) -> float:
@@ -479,21 +494,13 @@ class Bench:
                 preexec_fn=procs.child_setup(None, signal.SIGKILL),
             )
             await asyncio.sleep(max(0.0, start + warmup - self.loop.time()))
-            cpu0, sent0, t0, gen0, core0 = (
-                cpu_seconds(self.server.pid),
-                stats.delivered,
-                self.loop.time(),
-                cpu_seconds(os.getpid()),
-                cpu_busy_seconds(SERVER_CPU),
-            )
-            await asyncio.sleep(max(0.0, start + duration - self.loop.time()))
-            cpu1, sent1, t1, gen1, core1 = (
-                cpu_seconds(self.server.pid),
-                stats.delivered,
-                self.loop.time(),
-                cpu_seconds(os.getpid()),
-                cpu_busy_seconds(SERVER_CPU),
-            )
+            samples = [self.sample(stats)]
+            end = start + duration
+            while self.loop.time() < end - 0.05:
+                await asyncio.sleep(
+                    max(0.0, min(SAMPLE_SECONDS - (self.loop.time() - samples[-1].at), end - self.loop.time()))
+                )
+                samples.append(self.sample(stats))
             try:
                 out, err = await asyncio.wait_for(publisher.communicate(), timeout=30)
             except TimeoutError:
@@ -513,17 +520,27 @@ class Bench:
                 await asyncio.sleep(0.05)
         finally:
             await self.close_all(opened)
-        window = t1 - t0
-        delivered_in_window = sent1 - sent0
+        first, last = samples[0], samples[-1]
+        window = last.at - first.at
+        delivered_in_window = last.delivered - first.delivered
         row.delivered = stats.delivered
         row.delivered_per_second = delivered_in_window / window if window > 0 else None
         row.delivery_ratio = stats.delivered / row.expected if row.expected else None
-        if delivered_in_window:
-            row.cpu_us_per_delivery = (cpu1 - cpu0) * 1e6 / delivered_in_window
         if window > 0:
-            row.generator_cpu = (gen1 - gen0) / window
-            row.server_cpu = (cpu1 - cpu0) / window
-            row.server_core_busy = (core1 - core0) / window
+            row.generator_cpu = (last.generator - first.generator) / window
+            row.server_cpu = (last.server - first.server) / window
+            row.server_core_busy = (last.core - first.core) / window
+        # CPU per delivery over the seconds in which nothing else competed for the server's core.
+        clean = [
+            (b.server - a.server, b.delivered - a.delivered)
+            for a, b in itertools.pairwise(samples)
+            if (b.core - a.core) - (b.server - a.server) <= INTERFERENCE * (b.at - a.at)
+        ]
+        row.clean_seconds = f"{len(clean)}/{len(samples) - 1}"
+        cpu = sum(c for c, _ in clean) if len(clean) >= MIN_CLEAN_SAMPLES else last.server - first.server
+        deliveries = sum(d for _, d in clean) if len(clean) >= MIN_CLEAN_SAMPLES else delivered_in_window
+        if deliveries:
+            row.cpu_us_per_delivery = cpu * 1e6 / deliveries
         ordered = sorted(stats.latencies_us)
         row.p50_ms, row.p99_ms, row.max_ms = (
             percentile(ordered, 0.5),
@@ -533,6 +550,15 @@ class Bench:
         row.lagged = stats.lagged
         row.errors = stats.errors
         return row
+
+    def sample(self, stats: Stats) -> Sample:
+        return Sample(
+            self.loop.time(),
+            stats.delivered,
+            cpu_seconds(self.server.pid),
+            cpu_busy_seconds(SERVER_CPU),
+            cpu_seconds(os.getpid()),
+        )
 
     async def storm(self, count: int) -> Row:
         row = Row(f"storm {count} connects", self.server.name, connections=count)
@@ -589,6 +615,7 @@ COLUMNS = [
     ("CPU µs/conn", "cpu_us_per_connect", 11, ".0f"),
     ("srv CPU", "server_cpu", 7, ".0%"),
     ("CPU0 busy", "server_core_busy", 9, ".0%"),
+    ("clean s", "clean_seconds", 7, ">"),
     ("gen CPU", "generator_cpu", 7, ".0%"),
 ]
 
@@ -603,6 +630,8 @@ def render_table(rows: list[Row]) -> str:
                 cells.append(f"{'-':>{width}}")
             elif fmt == "s":
                 cells.append(f"{value:<{width}}")
+            elif fmt == ">":
+                cells.append(f"{value:>{width}}")
             else:
                 cells.append(f"{value:>{width}{fmt}}")
         lines.append("  ".join(cells))
@@ -665,7 +694,7 @@ def render_comparison(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def environment_line(pinned: bool, nchan: str) -> str:
+def environment_line(pinned: bool, nchan: str, nice: int = 0) -> str:
     somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
     pin = (
         f"servers on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}"
@@ -675,7 +704,7 @@ def environment_line(pinned: bool, nchan: str) -> str:
     return (
         f"delta-push bench {time.strftime('%Y-%m-%d %H:%M:%S')} · {platform.node()} · {os.cpu_count()} CPUs · "
         f"Linux {platform.release()} · Python {platform.python_version()} · {pin} · somaxconn {somaxconn} · "
-        f"reference: {nchan}"
+        f"reference: {nchan}" + (f" · nice {nice}" if nice else "")
     )
 
 
@@ -704,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="renice the bench and every process it starts (e.g. -5 on a shared machine; needs root below 0)",
+    )
     parser.add_argument("--max-seconds", type=float, default=480.0, help="abort the whole run after this long")
     return parser
 
@@ -714,13 +749,16 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     client_cpus = {CLIENT_CPU} if pinned else None
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
+    if args.nice:
+        os.nice(args.nice)  # children inherit it: both servers, Redis, the publisher
     nofile = procs.raise_nofile()
     needed = max(args.idle, args.storm, args.w1[0], args.w2[0]) + 200
     if nofile < needed:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile}; this run needs {needed}: raise the hard limit (ulimit -Hn)")
     nchan_state = "skipped (--no-nchan)" if args.no_nchan else (ensure_nchan(not args.no_install) or "nchan")
     print(
-        environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)"), flush=True
+        environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)", args.nice),
+        flush=True,
     )
     rows: list[Row] = []
     max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
