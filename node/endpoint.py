@@ -67,6 +67,16 @@ async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code:
         pass  # the client left first
 
 
+async def send_elsewhere(ws: web.WebSocketResponse) -> None:
+    """A draining node turns new clients away: ``reconnect``, then close 1012."""
+    CONNECTIONS_REJECTED.labels("draining").inc()
+    try:
+        await ws.send_str(protocol.reconnect("node is draining"))
+        await asyncio.wait_for(ws.close(code=CloseCode.RECONNECT, message=b"node is draining"), 2.0)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass  # the client left first
+
+
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     state: NodeState = request.app["state"]
     settings = state.settings
@@ -78,16 +88,15 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         timeout=2.0,
     )
     await ws.prepare(request)
-    remote = request.headers.get("X-Forwarded-For", request.remote or "").split(",")[0].strip() or None
+    remote = request.remote
+    forwarded_for = request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or None  # logged, not trusted
 
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return ws
     if state.draining:
-        CONNECTIONS_REJECTED.labels("draining").inc()
-        await ws.send_str(protocol.reconnect("node is draining"))
-        await ws.close(code=CloseCode.RECONNECT, message=b"node is draining")
+        await send_elsewhere(ws)
         return ws
     try:
         identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
@@ -115,11 +124,23 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )
         return ws
 
+    if state.draining:  # the drain began while the slot was being taken: it did not see us
+        if identity.user_id is not None:
+            await state.slots.release(identity.user_id, connection_id)
+        await send_elsewhere(ws)
+        return ws
     assert request.transport is not None
     conn = ClientConnection(connection_id, identity, ws, request.transport, settings, remote)
     state.hub.add(conn)
     WS_CONNECTIONS.inc()
-    log("connect", node=state.node_id, connection=conn.id, user=identity.user_id, remote=remote)
+    log(
+        "connect",
+        node=state.node_id,
+        connection=conn.id,
+        user=identity.user_id,
+        remote=remote,
+        forwarded_for=forwarded_for,
+    )
     session = Session(state, conn)
     reason = "client closed"
     try:
@@ -137,7 +158,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         WS_CONNECTIONS.dec()
         if conn.user_id is not None:
             await state.slots.release(conn.user_id, conn.id)
-        log("disconnect", node=state.node_id, connection=conn.id, user=conn.user_id, reason=reason, code=conn.close_code or ws.close_code)
+        log(
+            "disconnect",
+            node=state.node_id,
+            connection=conn.id,
+            user=conn.user_id,
+            reason=reason,
+            code=conn.close_code or ws.close_code,
+        )
     return ws
 
 

@@ -8,7 +8,7 @@ are spread evenly, with jitter, over ``1 / rebalance_per_second`` seconds (with
 the default 0.05, 5 % of them per second over 20 s). Ownership is checked again
 right before each move, so a node that leaves again meanwhile moves no one.
 
-Only scale-out moves anyone: when a node leaves, its users reconnect by
+Only users this node owned before the change are moved. Only scale-out moves anyone: when a node leaves, its users reconnect by
 themselves and users of the other nodes keep their owner. Anonymous
 connections are never moved (their ring key is random).
 """
@@ -57,7 +57,9 @@ class Rebalancer:
         found = [
             conn
             for user_id, conns in self.hub.by_user.items()
-            if new.node_for(user_id) in added
+            # only users this node owned: a client that chose this node itself (a direct
+            # connection against the ring) is not ours to move
+            if new.node_for(user_id) in added and old.node_for(user_id) == self.node_id
             for conn in conns
             if conn.id not in self.pending
         ]

@@ -186,7 +186,7 @@ async def test_router_forwards_the_client_ip_and_ignores_client_sent_forwarded_f
         def remote() -> Any:
             for line in node.log_lines():
                 if line.get("event") == "connect" and line.get("connection") == welcome["connectionId"]:
-                    return line.get("remote")
+                    return line.get("forwarded_for")
             return None
 
         assert await async_wait_until(remote, 5, message="node connect log") == "127.0.0.2"
