@@ -354,6 +354,8 @@ class Row:
     server_core_busy: float | None = None
     generator_cpu: float | None = None
     clean_seconds: str | None = None
+    clean: int = 0
+    sampled: int = 0
     lagged: int = 0
     failed_connections: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -536,7 +538,8 @@ class Bench:
             for a, b in itertools.pairwise(samples)
             if (b.core - a.core) - (b.server - a.server) <= INTERFERENCE * (b.at - a.at)
         ]
-        row.clean_seconds = f"{len(clean)}/{len(samples) - 1}"
+        row.clean, row.sampled = len(clean), len(samples) - 1
+        row.clean_seconds = f"{row.clean}/{row.sampled}"
         cpu = sum(c for c, _ in clean) if len(clean) >= MIN_CLEAN_SAMPLES else last.server - first.server
         deliveries = sum(d for _, d in clean) if len(clean) >= MIN_CLEAN_SAMPLES else delivered_in_window
         if deliveries:
@@ -560,6 +563,16 @@ class Bench:
             cpu_seconds(os.getpid()),
         )
 
+    async def steady_fanout(self, label: str, count: int, rate: float, duration: float, warmup: float) -> Row:
+        """:meth:`fanout`, run once more (at most) when other processes disturbed most of its seconds."""
+        row = await self.fanout(label, count, rate, duration, warmup)
+        if row.sampled >= MIN_CLEAN_SAMPLES and row.clean * 2 < row.sampled:
+            again = await self.fanout(label, count, rate, duration, warmup)
+            kept = again if again.clean > row.clean else row
+            kept.note = f"run twice: the first run had {row.clean}/{row.sampled} undisturbed seconds"
+            return kept
+        return row
+
     async def storm(self, count: int) -> Row:
         row = Row(f"storm {count} connects", self.server.name, connections=count)
         stats = Stats()
@@ -580,20 +593,24 @@ class Bench:
         return row
 
 
-async def run_server(args: argparse.Namespace, server: Server) -> list[Row]:
-    bench = Bench(args, server)
+async def run_workloads(args: argparse.Namespace, servers: list[Server]) -> list[Row]:
+    """Each workload on every server back to back, so that compared rows are measured close in time."""
+    benches = [Bench(args, server) for server in servers]
     rows: list[Row] = []
     workloads = args.workloads
     gc.disable()  # no collector pauses in the load generator while it measures
     try:
         if "idle" in workloads:
-            rows.append(await bench.idle(args.idle))
+            for bench in benches:  # first, while every server is fresh
+                rows.append(await bench.idle(args.idle))
         for label in ("w1", "w2"):
             if label in workloads:
                 count, rate = getattr(args, label)
-                rows.append(await bench.fanout(label.upper(), count, rate, args.duration, args.warmup))
+                for bench in benches:
+                    rows.append(await bench.steady_fanout(label.upper(), count, rate, args.duration, args.warmup))
         if "storm" in workloads:
-            rows.append(await bench.storm(args.storm))
+            for bench in benches:
+                rows.append(await bench.storm(args.storm))
     finally:
         gc.enable()
     return rows
@@ -760,20 +777,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)", args.nice),
         flush=True,
     )
-    rows: list[Row] = []
     max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
     # Children are started from the main thread: PR_SET_PDEATHSIG follows the thread that forked.
-    server: Server = PushServer(server_cpus, client_cpus, max_users)
+    servers: list[Server] = []
     try:
-        rows += await run_server(args, server)
+        servers.append(PushServer(server_cpus, client_cpus, max_users))
+        if nchan_state == "nchan":
+            servers.append(NchanServer(server_cpus))
+        rows = await run_workloads(args, servers)
     finally:
-        server.stop()
-    if nchan_state == "nchan":
-        nchan = NchanServer(server_cpus)
-        try:
-            rows += await run_server(args, nchan)
-        finally:
-            nchan.stop()
+        for server in reversed(servers):
+            server.stop()
     summary = compare(rows)
     print()
     print(render_table(sorted(rows, key=lambda r: (list(args.workloads).index(_kind(r)), r.server != "delta-push"))))
