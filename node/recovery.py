@@ -103,7 +103,9 @@ class Recovery:
                     continue
                 conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp)
 
-    def _offer_history(self, conn: ClientConnection, subscription: Subscription, name: str, raw: bytes, sent: set[str]) -> None:
+    def _offer_history(
+        self, conn: ClientConnection, subscription: Subscription, name: str, raw: bytes, sent: set[str]
+    ) -> None:
         try:
             envelope = parse_envelope(raw, self.max_envelope_bytes)
             channel = parse_channel(name)
