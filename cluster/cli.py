@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_async(coro: Any) -> int:
-    from node.app import run_loop
+    from cluster.process import run_loop
 
     result: list[int] = []
 

@@ -209,7 +209,7 @@ def run_in_process(settings: Settings, router_port: int, node_port: int) -> int:
     from cluster.broker import MemoryBroker
     from cluster.logs import configure
     from cluster.membership import MemoryMembership
-    from node.app import run_loop
+    from cluster.process import run_loop
     from node.app import serve as serve_node
     from router.app import serve as serve_router
 

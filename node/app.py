@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +22,7 @@ from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
 from cluster.metrics import render
+from cluster.process import run_loop, serve_app
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import websocket_handler
@@ -179,38 +179,15 @@ async def serve(
     """Run a node until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
     app = create_app(settings, broker, membership)
     state: NodeState = app["state"]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
-    await site.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    log(
-        "node_started",
-        node=state.node_id,
-        port=settings.port,
-        url=settings.effective_public_url,
-        bus="memory" if isinstance(state.broker, MemoryBroker) else "redis",
-    )
-    await stop.wait()
-    await state.drain()
-    await runner.cleanup()
+
+    def started() -> None:
+        bus = "memory" if isinstance(state.broker, MemoryBroker) else "redis"
+        log("node_started", node=state.node_id, port=settings.port, url=settings.effective_public_url, bus=bus)
+
+    await serve_app(app, settings, stop, started=started, drain=state.drain)
     log("node_stopped", node=state.node_id)
 
 
 def run(settings: Settings) -> None:
     configure(settings.log_level)
     run_loop(serve(settings))
-
-
-def run_loop(main: Any) -> None:
-    """Run a coroutine on uvloop (asyncio's loop if uvloop is missing)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        asyncio.run(main)
-    else:
-        uvloop.run(main)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 from aiohttp import WSMsgType, web
 
 from cluster import protocol
-from cluster.auth import ANONYMOUS, AuthError, Identity, TokenVerifier
+from cluster.auth import AuthError
 from cluster.channels import ChannelError, parse_pattern
+from cluster.handshake import authenticate, origin_allowed, reject, token_from_request
 from cluster.limits import TokenBucket
 from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
@@ -31,40 +32,6 @@ if TYPE_CHECKING:
     from node.app import NodeState
 
 LOWEST_RANK = 3
-
-
-def token_from_request(request: web.Request) -> str | None:
-    """The JWT from ``?token=`` or ``Authorization: Bearer``, if any."""
-    token = request.query.get("token")
-    if token:
-        return token
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
-
-
-def authenticate(verifier: TokenVerifier, token: str | None, allow_anonymous: bool) -> Identity:
-    """The identity a connect request proves, or AuthError (never logs the token)."""
-    if token is None:
-        if allow_anonymous:
-            return ANONYMOUS
-        raise AuthError(ErrorCode.UNAUTHORIZED, "missing", "a token is required")
-    if not verifier.configured:
-        raise AuthError(ErrorCode.UNAUTHORIZED, "no_key", "this node has no key to verify tokens")
-    return verifier.verify(token)
-
-
-async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code: int, reason: str) -> None:
-    """Refuse a connection after the upgrade: an error message, then the close code."""
-    CONNECTIONS_REJECTED.labels(reason).inc()
-    PROTOCOL_ERRORS.labels(code).inc()
-    try:
-        await ws.send_str(protocol.error(code, message))
-        await asyncio.wait_for(ws.close(code=close_code, message=message.encode()[:120]), 2.0)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        pass  # the client left first
 
 
 async def send_elsewhere(ws: web.WebSocketResponse) -> None:
@@ -91,8 +58,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     remote = request.remote
     forwarded_for = request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or None  # logged, not trusted
 
-    origin = request.headers.get("Origin")
-    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+    if not origin_allowed(settings, request):
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return ws
     if state.draining:

@@ -13,20 +13,19 @@ and sends its proxied clients ``reconnect`` + 1012 spread over the drain window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 
 import aiohttp
 from aiohttp import web
 
 from cluster.auth import AuthError
+from cluster.handshake import authenticate, token_from_request
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
 from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES, render
+from cluster.process import run_loop, serve_app
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
-from node.endpoint import authenticate, token_from_request
 from router.proxy import websocket_handler
 from router.state import ROUTER_STATE, RouterState
 from router.static import add_static_routes
@@ -164,24 +163,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, membershi
     """Run a router until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
     app = create_app(settings, membership)
     state = app[ROUTER_STATE]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
-    await site.start()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    log("router_started", port=settings.port, membership="redis" if state.owns_membership else "memory")
-    await stop.wait()
-    await state.drain()
-    await runner.cleanup()
+
+    def started() -> None:
+        log("router_started", port=settings.port, membership="redis" if state.owns_membership else "memory")
+
+    await serve_app(app, settings, stop, started=started, drain=state.drain)
     log("router_stopped", port=settings.port)
 
 
 def run(settings: Settings) -> None:
-    from node.app import run_loop
-
     configure(settings.log_level)
     run_loop(serve(settings))

@@ -29,6 +29,7 @@ from aiohttp import WSMsgType, web
 
 from cluster import protocol
 from cluster.auth import AuthError
+from cluster.handshake import authenticate, origin_allowed, reject, token_from_request
 from cluster.logs import RateLimitedLog, log
 from cluster.metrics import (
     AUTH_FAILURES,
@@ -40,7 +41,6 @@ from cluster.metrics import (
 )
 from cluster.protocol import CloseCode, ErrorCode
 from cluster.ring import routing_key
-from node.endpoint import authenticate, reject, token_from_request
 from router.admission import client_ip
 from router.state import ROUTER_STATE, RouterState
 
@@ -79,8 +79,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             "rate_limited",
         )
         return ws
-    origin = request.headers.get("Origin")
-    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+    if not origin_allowed(settings, request):
         ws = await _accept(request, state)
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return ws
