@@ -74,25 +74,9 @@ def prepare(
 
 
 class _PublisherBase:
-    def __init__(self, source: str, allow_unknown: bool, history_size: int | None, history_seconds: int | None) -> None:
-        if not allow_unknown and source not in KNOWN_SERVICES:
-            raise ValueError(f"unknown service {source!r} (pass allow_unknown=True to publish as it anyway)")
-        self.source = source
-        self.allow_unknown = allow_unknown
-        self.history_size = history_size or _DEFAULTS.history_size
-        self.history_seconds = history_seconds or _DEFAULTS.history_seconds
+    """What both publishers share; subclasses only choose the Redis client (sync or asyncio)."""
 
-    def _script_call(self, channel: str, envelope: dict[str, Any], data: bytes) -> tuple[list[str], list[object]]:
-        keys = publish_keys(channel)
-        return keys, publish_args(channel, data, envelope["id"], self.history_size, self.history_seconds)
-
-    def _prepare(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
-        kwargs.setdefault("allow_unknown", self.allow_unknown)
-        return prepare(event_type, payload, source=self.source, **kwargs)
-
-
-class EventPublisher(_PublisherBase):
-    """Publishes events from asyncio code."""
+    client_class: Any = None
 
     def __init__(
         self,
@@ -103,15 +87,32 @@ class EventPublisher(_PublisherBase):
         history_size: int | None = None,
         history_seconds: int | None = None,
     ) -> None:
-        super().__init__(source, allow_unknown, history_size, history_seconds)
-        self._client = aioredis.Redis.from_url(redis_url)
+        if not allow_unknown and source not in KNOWN_SERVICES:
+            raise ValueError(f"unknown service {source!r} (pass allow_unknown=True to publish as it anyway)")
+        self.source = source
+        self.allow_unknown = allow_unknown
+        self.history_size = history_size or _DEFAULTS.history_size
+        self.history_seconds = history_seconds or _DEFAULTS.history_seconds
+        self._client = self.client_class.from_url(redis_url)
         self._script = self._client.register_script(PUBLISH_SCRIPT)
+
+    def _script_call(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The envelope, and the pending script call that stores and publishes it."""
+        kwargs.setdefault("allow_unknown", self.allow_unknown)
+        channel, envelope, data = prepare(event_type, payload, source=self.source, **kwargs)
+        args = publish_args(channel, data, envelope["id"], self.history_size, self.history_seconds)
+        return envelope, self._script(keys=publish_keys(channel), args=args)
+
+
+class EventPublisher(_PublisherBase):
+    """Publishes events from asyncio code."""
+
+    client_class = aioredis.Redis
 
     async def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
         """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
-        channel, envelope, data = self._prepare(event_type, payload, kwargs)
-        keys, args = self._script_call(channel, envelope, data)
-        await self._script(keys=keys, args=args)
+        envelope, call = self._script_call(event_type, payload, kwargs)
+        await call
         EVENTS_PUBLISHED.inc()
         return envelope
 
@@ -122,23 +123,11 @@ class EventPublisher(_PublisherBase):
 class SyncEventPublisher(_PublisherBase):
     """Publishes events from synchronous code."""
 
-    def __init__(
-        self,
-        redis_url: str,
-        source: str,
-        *,
-        allow_unknown: bool = False,
-        history_size: int | None = None,
-        history_seconds: int | None = None,
-    ) -> None:
-        super().__init__(source, allow_unknown, history_size, history_seconds)
-        self._client = redis.Redis.from_url(redis_url)
-        self._script = self._client.register_script(PUBLISH_SCRIPT)
+    client_class = redis.Redis
 
     def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
-        channel, envelope, data = self._prepare(event_type, payload, kwargs)
-        keys, args = self._script_call(channel, envelope, data)
-        self._script(keys=keys, args=args)
+        """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
+        envelope, _ = self._script_call(event_type, payload, kwargs)  # the sync client has run it
         EVENTS_PUBLISHED.inc()
         return envelope
 
