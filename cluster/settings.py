@@ -123,6 +123,7 @@ class Settings:
         "Take the client IP from the last X-Forwarded-For entry (only behind a proxy that sets it).",
         _bool,
     )
+    web_root: str = _setting("", "PUSH_WEB_ROOT", "Folder the router serves the live page and browser client from; default: the checkout's web/.")
     # --- recovery --------------------------------------------------------------
     history_size: int = _setting(1000, "PUSH_HISTORY_SIZE", "Events kept per channel for recovery.")
     history_seconds: int = _setting(300, "PUSH_HISTORY_SECONDS", "Seconds events are kept per channel for recovery.")

@@ -13,6 +13,7 @@ and sends its proxied clients ``reconnect`` + 1012 spread over the drain window.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -28,7 +29,7 @@ from cluster.ring import routing_key
 from cluster.settings import Settings
 from router.proxy import websocket_handler
 from router.state import ROUTER_STATE, RouterState
-from router.static import add_static_routes
+from router.static import WEB_ROOT, add_static_routes
 
 PROBE_TIMEOUT_SECONDS = 1.0
 
@@ -146,7 +147,8 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    add_static_routes(app)  # the live event page (/) and the browser client (/web/)
+    # the live event page (/) and the browser client (/web/)
+    add_static_routes(app, Path(settings.web_root) if settings.web_root else WEB_ROOT)
 
     async def on_startup(app: web.Application) -> None:
         await state.start()
