@@ -107,6 +107,7 @@ def start_cluster(args: argparse.Namespace, children: list[procs.Child]) -> tupl
             redis_url, PUSH_ROUTER_IP_RATE="1000", PUSH_ROUTER_IP_BURST="2000", **settings
         )
         children.append(router)
+        print(f"loadtest.run: soak goes through a router (port {port}) in front of {urls[0]}", flush=True)
         urls = [f"ws://127.0.0.1:{port}/ws"]
     elif args.suite == "soak":
         print("loadtest.run: no `pushctl router` in this checkout: soak runs against the node directly", flush=True)
