@@ -18,6 +18,7 @@ or unknown to this wrapper) is passed to locust. The exit code is locust's:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     args.locust_args = [a for a in extra if a != "--"]
+    if importlib.util.find_spec("locust") is None or importlib.util.find_spec("websocket") is None:
+        print("FAIL: locust and websocket-client are not installed: .venv/bin/pip install -e '.[load]'", flush=True)
+        return 2
     suite = SUITES[args.suite]
     procs.raise_nofile()
     children: list[procs.Child] = []
