@@ -26,11 +26,18 @@ class TokenBucket:
             self.updated = now
 
     def take(self, now: float) -> bool:
-        """Spend one token if there is one."""
-        self._refill(now)
-        if self.tokens < 1.0:
+        """Spend one token if there is one (refill inlined: this runs once per delivered event)."""
+        tokens = self.tokens
+        elapsed = now - self.updated
+        if elapsed > 0:
+            tokens += elapsed * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.updated = now
+        if tokens < 1.0:
+            self.tokens = tokens
             return False
-        self.tokens -= 1.0
+        self.tokens = tokens - 1.0
         return True
 
     def wait_time(self, now: float) -> float:

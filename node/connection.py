@@ -91,6 +91,7 @@ class ClientConnection:
         self._lagged: dict[str, int] = {}
         self._lagged_timer: asyncio.TimerHandle | None = None
         self.closing = False
+        self.direct = True  # nothing waits and not closing: the hub may write to the socket itself
         self.close_code: int | None = None  # what the node closed with, if it closed first
         self.close_reason = ""
 
@@ -129,6 +130,7 @@ class ClientConnection:
             self.close_slow_consumer("p0 events do not fit in the queue")
             return False
         if self._drainer is None:
+            self.direct = False
             self._drainer = self._loop.create_task(self._drain())
         return False
 
@@ -161,6 +163,7 @@ class ClientConnection:
                 self._write_batch(queue, now)
         finally:
             self._drainer = None
+            self.direct = not self.closing and not queue.count
             if not queue.count:
                 self.queue = None
 
@@ -239,6 +242,7 @@ class ClientConnection:
         if self.closing:
             return
         self.closing = True
+        self.direct = False
         if drop_reason and self.queue is not None and self.queue.count:
             count_drop(drop_reason, self.queue.count)
         self.queue = None
@@ -246,6 +250,7 @@ class ClientConnection:
 
     async def close(self, code: int, reason: str) -> None:
         self.closing = True
+        self.direct = False
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         if self._lagged_timer is not None:
@@ -261,6 +266,7 @@ class ClientConnection:
     def release(self) -> None:
         """Forget everything this connection holds (it has disconnected)."""
         self.closing = True
+        self.direct = False
         self.queue = None
         if self._lagged_timer is not None:
             self._lagged_timer.cancel()
