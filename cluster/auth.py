@@ -84,6 +84,11 @@ class TokenVerifier:
         self._audience = settings.jwt_audience or None
         self._issuer = settings.jwt_issuer or None
 
+    def warm_up(self) -> None:
+        """Verify one throw-away token so the first real connect does not pay PyJWT's first-use imports."""
+        if self._secret:
+            self.verify(jwt.encode({"sub": "warm-up", "exp": int(time.time()) + 60}, self._secret, algorithm="HS256"))
+
     @property
     def configured(self) -> bool:
         return bool(self._hmac_algorithms or self._public_algorithms)

@@ -20,13 +20,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cluster.history import EPOCH_KEY
 from cluster.logs import log
 from cluster.metrics import BUS_CONNECTED, REDIS_RECONNECTS
 
 EVENTS_PATTERN = "events:*"
 EVENTS_PREFIX = "events:"
 LEGACY_CHANNEL = "spirit:events"
-EPOCH_KEY = "push:epoch"
+REDIS_POOL_SIZE = 32
+REDIS_POOL_TIMEOUT_SECONDS = 5.0
 
 MessageHandler = Callable[[bytes, bytes], None]
 """Called with (bus channel, message) for every message, synchronously."""
@@ -58,9 +60,17 @@ class RedisBroker(Broker):
     def __init__(self, url: str, *, max_backoff: float = 5.0) -> None:
         super().__init__()
         self.url = url
-        self.client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
+        # Bounded: a reconnect storm's connection-cap checks queue for a connection
+        # instead of opening one per connecting client.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_POOL_SIZE,
+            timeout=REDIS_POOL_TIMEOUT_SECONDS,
+            socket_connect_timeout=2,
+            socket_keepalive=True,
+            health_check_interval=10,
         )
+        self.client = aioredis.Redis(connection_pool=pool)
         self._max_backoff = max_backoff
 
     async def publish(self, channel: str, message: bytes) -> int:

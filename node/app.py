@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from cluster import protocol
-from cluster.auth import TokenVerifier
+from cluster.auth import AuthError, TokenVerifier
 from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
 from cluster.history import History
 from cluster.logs import configure, log
@@ -66,6 +66,8 @@ class NodeState:
         await self.presence.join()  # before the bus is ready: a ready node is routable
 
     async def start(self) -> None:
+        with contextlib.suppress(AuthError):
+            self.verifier.warm_up()
         self.broker.on_ready = self.on_bus_ready
         self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
         self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
