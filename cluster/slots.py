@@ -13,6 +13,7 @@ accepted and counted locally) and the next renewal registers it in Redis.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Iterable
 
@@ -46,6 +47,7 @@ return #KEYS
 """
 
 RENEW_BATCH = 500
+FLUSH_BATCH = 500
 
 
 class ConnectionSlots:
@@ -57,6 +59,9 @@ class ConnectionSlots:
         self.lease_ms = int(lease_seconds * 1000)
         self._local: dict[str, set[str]] = {}  # user -> connection ids held on this node
         self._acquire = client.register_script(ACQUIRE) if client is not None else None
+        self._acquiring: list[tuple[str, str, asyncio.Future[bool]]] = []  # bounded by connects in flight
+        self._releasing: list[tuple[str, str]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._renew = client.register_script(RENEW) if client is not None else None
 
     @property
@@ -65,18 +70,13 @@ class ConnectionSlots:
 
     async def acquire(self, user_id: str, connection_id: str) -> bool:
         """Take one of the user's slots; False if the user is at the cap."""
-        if self._acquire is None:
-            granted = len(self._local.get(user_id, ())) < self.max_per_user
+        if self._client is None:
+            granted = self._locally_free(user_id)
         else:
-            try:
-                granted = bool(
-                    await self._acquire(
-                        keys=[SLOTS_PREFIX + user_id], args=[connection_id, self.max_per_user, self.lease_ms]
-                    )
-                )
-            except BUS_ERRORS as exc:
-                log("connection_cap_unavailable", logging.WARNING, user=user_id, reason=type(exc).__name__)
-                granted = len(self._local.get(user_id, ())) < self.max_per_user
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._acquiring.append((user_id, connection_id, future))
+            self._schedule_flush()
+            granted = await future
         if granted:
             self._local.setdefault(user_id, set()).add(connection_id)
         return granted
@@ -88,10 +88,49 @@ class ConnectionSlots:
             if not held:
                 del self._local[user_id]
         if self._client is not None:
-            try:
-                await self._client.zrem(SLOTS_PREFIX + user_id, connection_id)
-            except BUS_ERRORS:
-                pass  # the lease expires on its own; nothing is leaked
+            self._releasing.append((user_id, connection_id))
+            self._schedule_flush()
+
+    def _locally_free(self, user_id: str) -> bool:
+        return len(self._local.get(user_id, ())) < self.max_per_user
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send waiting acquisitions and releases in pipelines: one round trip for many connects.
+
+        In a reconnect storm thousands of clients connect at once; a script call each
+        would cost a round trip and a pool connection apiece.
+        """
+        assert self._client is not None and self._acquire is not None
+        acquiring: list[tuple[str, str, asyncio.Future[bool]]] = []
+        try:
+            while self._acquiring or self._releasing:
+                acquiring, self._acquiring = self._acquiring[:FLUSH_BATCH], self._acquiring[FLUSH_BATCH:]
+                releasing, self._releasing = self._releasing[:FLUSH_BATCH], self._releasing[FLUSH_BATCH:]
+                pipe = self._client.pipeline(transaction=False)
+                for user_id, connection_id, _ in acquiring:
+                    args = [connection_id, self.max_per_user, self.lease_ms]
+                    await self._acquire(keys=[SLOTS_PREFIX + user_id], args=args, client=pipe)
+                for user_id, connection_id in releasing:
+                    pipe.zrem(SLOTS_PREFIX + user_id, connection_id)
+                try:
+                    results: list[object] = await pipe.execute(raise_on_error=False)
+                except BUS_ERRORS as exc:
+                    # Fail open (count locally); a release that fails expires with its lease.
+                    log("connection_cap_unavailable", logging.WARNING, reason=type(exc).__name__)
+                    results = [None] * len(acquiring)
+                for (user_id, _, future), result in zip(acquiring, results, strict=False):
+                    if not future.done():
+                        granted = bool(result) if isinstance(result, int) else self._locally_free(user_id)
+                        future.set_result(granted)
+        finally:
+            self._flusher = None
+            for user_id, _, future in acquiring + self._acquiring:  # cancelled mid-flush: nobody waits forever
+                if not future.done():
+                    future.set_result(self._locally_free(user_id))
 
     async def renew_all(self) -> int:
         """Extend every lease this node holds (and re-register them after a Redis loss)."""
