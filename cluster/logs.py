@@ -7,41 +7,74 @@ per-event hot path logs; bad messages from the bus are logged at a bounded rate.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 LOGGER = logging.getLogger("delta_push")
 
 
-class JsonLinesFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "event": record.getMessage(),
-        }
-        doc.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+class JsonLinesWriter:
+    """Writes log lines once per event-loop iteration: a connect storm's lines cost one syscall, not one each."""
+
+    def __init__(self, stream: BinaryIO, level: int) -> None:
+        self.stream = stream
+        self.level = level
+        self._pending: list[bytes] = []  # bounded by what one loop iteration logs
+        self._scheduled = False
+        atexit.register(self.flush)
+
+    def write(self, line: bytes) -> None:
+        self._pending.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self.stream.write(data)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone: nothing left to tell
+
+
+_writer: JsonLinesWriter | None = None
 
 
 def configure(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLinesFormatter())
-    LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(level.upper())
-    LOGGER.propagate = False
+    """Send the process's log to stderr as JSON lines (without this, lines go to Python logging)."""
+    global _writer
+    _writer = JsonLinesWriter(sys.stderr.buffer, logging.getLevelName(level.upper()))
 
 
 def log(event: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one lifecycle event with its fields (node, connection, user, reason…)."""
-    if LOGGER.isEnabledFor(level):
-        LOGGER.log(level, event, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
+    """Log one lifecycle event with its fields (node, connection, user, reason...)."""
+    writer = _writer
+    if writer is None:
+        if LOGGER.isEnabledFor(level):
+            LOGGER.log(level, event, extra={"fields": {k: v for k, v in fields.items() if v is not None}})
+        return
+    if level < writer.level:
+        return
+    doc: dict[str, Any] = {"ts": round(time.time(), 3), "level": logging.getLevelName(level).lower(), "event": event}
+    doc.update((k, v) for k, v in fields.items() if v is not None)
+    writer.write(orjson.dumps(doc, default=str) + b"\n")
 
 
 class RateLimitedLog:
