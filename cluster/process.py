@@ -12,11 +12,32 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from cluster.settings import Settings
+
+
+class Service(Protocol):
+    """What a process runs beside its HTTP server (background tasks, connections to Redis)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def run_with_app(app: web.Application, service: Service) -> None:
+    """Start ``service`` when ``app`` starts and stop it when the app is cleaned up."""
+
+    async def on_startup(app: web.Application) -> None:
+        await service.start()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await service.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
 
 
 async def serve_app(

@@ -22,7 +22,7 @@ from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
 from cluster.metrics import render
-from cluster.process import run_loop, serve_app
+from cluster.process import run_loop, run_with_app, serve_app
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import websocket_handler
@@ -161,14 +161,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
 
-    async def on_startup(app: web.Application) -> None:
-        await state.start()
-
-    async def on_cleanup(app: web.Application) -> None:
-        await state.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    run_with_app(app, state)
     return app
 
 

@@ -23,7 +23,7 @@ from cluster.handshake import authenticate, token_from_request
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
 from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES, render
-from cluster.process import run_loop, serve_app
+from cluster.process import run_loop, run_with_app, serve_app
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
@@ -150,14 +150,7 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
     # the live event page (/) and the browser client (/web/)
     add_static_routes(app, Path(settings.web_root) if settings.web_root else WEB_ROOT)
 
-    async def on_startup(app: web.Application) -> None:
-        await state.start()
-
-    async def on_cleanup(app: web.Application) -> None:
-        await state.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    run_with_app(app, state)
     return app
 
 
