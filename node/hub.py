@@ -54,6 +54,7 @@ class Hub:
         self._channels: dict[bytes, tuple[str, Channel, tuple[Pattern, ...]]] = {}
         self._log_bad_event = RateLimitedLog(per_second=5)
         self._recent_ids: OrderedDict[str, None] = OrderedDict()
+        self._overlap_until = 0.0  # monotonic time until which live events may repeat a catch-up
 
     # --- connections and subscriptions -------------------------------------------
 
@@ -112,6 +113,10 @@ class Hub:
             if not subscribers:
                 del self.index[pattern]
 
+    def expect_overlap(self, seconds: float) -> None:
+        """A catch-up is replaying history: live events may repeat it for ``seconds``."""
+        self._overlap_until = time.monotonic() + seconds
+
     def may_receive(self, conn: ClientConnection, envelope: Envelope, domain: str) -> bool:
         """SPEC §3 authorization of one event for one connection (the replay path's check)."""
         identity = conn.identity
@@ -123,8 +128,13 @@ class Hub:
 
     # --- events: the hot path ----------------------------------------------------------
 
-    def on_bus_message(self, bus_channel: bytes, data: bytes) -> None:
-        """Parse one bus message once, then deliver it to every local recipient."""
+    def on_bus_message(self, bus_channel: bytes, data: bytes, replayed: bool = False) -> None:
+        """Parse one bus message once, then deliver it to every local recipient.
+
+        ``replayed`` marks events a bus catch-up takes from history: those, and live
+        events for a short while after a catch-up, are skipped if already delivered.
+        Otherwise ids are not checked, so a publisher reusing an id is not silenced.
+        """
         try:
             if bus_channel == LEGACY_CHANNEL_BYTES:
                 envelope = self._parse_legacy(data)
@@ -149,7 +159,7 @@ class Hub:
             )
             return
         recent = self._recent_ids
-        if envelope.id in recent:
+        if (replayed or self._overlap_until > time.monotonic()) and envelope.id in recent:
             return  # already delivered: a bus catch-up after a reconnect overlaps the live stream
         recent[envelope.id] = None
         if len(recent) > RECENT_IDS:

@@ -26,6 +26,7 @@ from node.queue import CONFLATED_TYPES
 
 EVERYTHING = Pattern(ANY, NO_KEY)
 CATCH_UP_LIMIT = 20_000
+CATCH_UP_OVERLAP_SECONDS = 10.0
 
 
 class Recovery:
@@ -81,8 +82,9 @@ class Recovery:
                 if conn.subscriptions:
                     conn.send_control(protocol.lagged(0, "bus_interrupted"))
             return 0
+        self.hub.expect_overlap(CATCH_UP_OVERLAP_SECONDS)
         for name, raw in replay.events:
-            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), raw)
+            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), raw, replayed=True)
         return len(replay.events)
 
     def resume(self, conn: ClientConnection, subscriptions: list[Subscription], replays: dict[Pattern, Replay]) -> None:
