@@ -51,6 +51,11 @@ def count_drop(reason: str, n: int = 1) -> None:
     child.inc(n)
 
 
+def push_bucket(per_second: float, burst: float, now: float) -> TokenBucket:
+    """A push limit: paced a little under ``per_second``, never more than that in any second."""
+    return TokenBucket(per_second * PACING_MARGIN, burst, now, window_limit=max(1, int(per_second)))
+
+
 class Subscription:
     """One pattern a connection subscribed to, with its options."""
 
@@ -82,7 +87,7 @@ class ClientConnection:
         self.remote = remote
         self.subscriptions: dict[Pattern, Subscription] = {}
         self._loop = asyncio.get_running_loop()
-        self.bucket = TokenBucket(settings.events_per_second * PACING_MARGIN, settings.events_burst, self._loop.time())
+        self.bucket = push_bucket(settings.events_per_second, settings.events_burst, self._loop.time())
         self._settings = settings
         self.queue: EventQueue | None = None  # exists only while events wait: idle connections stay small
         self._drainer: asyncio.Task[None] | None = None

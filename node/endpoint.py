@@ -26,7 +26,7 @@ from cluster.limits import TokenBucket
 from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
 from cluster.protocol import CloseCode, ErrorCode, ProtocolError
-from node.connection import PACING_MARGIN, ClientConnection, Subscription
+from node.connection import ClientConnection, Subscription, push_bucket
 
 if TYPE_CHECKING:
     from node.app import NodeState
@@ -248,7 +248,7 @@ class Session:
             bucket = None
             if message.limit is not None and message.limit < settings.events_per_second:
                 burst = max(1.0, min(float(settings.events_burst), message.limit))
-                bucket = TokenBucket(message.limit * PACING_MARGIN, burst, asyncio.get_running_loop().time())
+                bucket = push_bucket(message.limit, burst, asyncio.get_running_loop().time())
             subscription = Subscription(pattern, max_rank, bucket)
             if message.since is not None and is_new:
                 subscription.held = []  # live events wait until history has been replayed

@@ -247,3 +247,23 @@ def _rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_push_bucket_never_exceeds_its_limit_in_a_second_even_after_a_stall():
+    """Tokens saved up while the process was starved do not go out on top of the last second's."""
+    from cluster.limits import TokenBucket
+
+    bucket = TokenBucket(98, 100, now=0.0, window_limit=100)
+    sent = [t for t in (i * 0.001 for i in range(20_000)) if bucket.take(t)]  # 20 s of a busy writer
+    stall_start = sent[-1]
+    after_stall = [t for t in (stall_start + 0.3 + i * 0.001 for i in range(2_000)) if bucket.take(t)]
+    times = sent + after_stall
+    for i, start in enumerate(times):
+        if start < 1.0:
+            continue  # the first second may carry the burst
+        in_window = 0
+        for t in times[i:]:
+            if t >= start + 1.0:
+                break
+            in_window += 1
+        assert in_window <= 100, f"{in_window} in the second from {start:.3f}"
