@@ -16,6 +16,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from cluster.limits import TokenBucket
+
 LOGGER = logging.getLogger("delta_push")
 
 
@@ -78,19 +80,20 @@ def log(event: str, level: int = logging.INFO, **fields: Any) -> None:
 
 
 class RateLimitedLog:
-    """Logs at most ``per_second`` lines a second; counts and reports what it skipped."""
+    """Logs every line of a short burst, then at most ``per_second``; reports what it skipped.
 
-    def __init__(self, per_second: float = 10.0) -> None:
-        self._interval = 1.0 / per_second
-        self._next = 0.0
+    Bad input from outside (malformed events, refused connections) is logged once per
+    occurrence while it is rare, and cannot flood the log when it is not.
+    """
+
+    def __init__(self, per_second: float = 10.0, burst: int = 20) -> None:
+        self._bucket = TokenBucket(per_second, burst, time.monotonic())
         self._skipped = 0
 
     def __call__(self, event: str, level: int = logging.WARNING, **fields: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
+        if not self._bucket.take(time.monotonic()):
             self._skipped += 1
             return
-        self._next = now + self._interval
         if self._skipped:
             fields["skipped"] = self._skipped
             self._skipped = 0

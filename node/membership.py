@@ -54,7 +54,7 @@ class NodePresence:
         self.registered = False
         self.leaving = False
         self._lock = asyncio.Lock()  # a heartbeat in flight must not land after the withdrawal
-        self._log_failure = RateLimitedLog(per_second=0.2)
+        self._log_failure = RateLimitedLog(per_second=0.2, burst=1)
         self.rebalancer = Rebalancer(state.node_id, state.hub, self.membership, settings.rebalance_per_second)
         self.membership.on_ring_change(self.rebalancer.on_ring_change)
 
