@@ -25,7 +25,7 @@ from cluster.metrics import render
 from cluster.process import run_loop, run_with_app, serve_app
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
-from node.endpoint import websocket_handler
+from node.endpoint import NODE_STATE, websocket_handler
 from node.hub import Hub
 from node.membership import NodePresence
 from node.recovery import Recovery
@@ -128,12 +128,12 @@ class NodeState:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    state: NodeState = request.app["state"]
+    state: NodeState = request.app[NODE_STATE]
     return web.json_response({"status": "ok", "node": state.node_id})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state: NodeState = request.app["state"]
+    state: NodeState = request.app[NODE_STATE]
     ready = state.broker.ready.is_set() and not state.draining
     body = {
         "status": "ready" if ready else "not ready",
@@ -155,7 +155,7 @@ def create_app(
 ) -> web.Application:
     app = web.Application(client_max_size=settings.max_frame_bytes)
     state = NodeState(settings, broker or RedisBroker(settings.redis_url), membership)
-    app["state"] = state
+    app[NODE_STATE] = state
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -173,7 +173,7 @@ async def serve(
 ) -> None:
     """Run a node until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
     app = create_app(settings, broker, membership)
-    state: NodeState = app["state"]
+    state = app[NODE_STATE]
 
     def started() -> None:
         bus = "memory" if isinstance(state.broker, MemoryBroker) else "redis"

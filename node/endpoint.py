@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from node.app import NodeState
 
 LOWEST_RANK = 3
+NODE_STATE: web.AppKey[NodeState] = web.AppKey("node_state")
 
 
 async def send_elsewhere(ws: web.WebSocketResponse) -> None:
@@ -45,7 +46,7 @@ async def send_elsewhere(ws: web.WebSocketResponse) -> None:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    state: NodeState = request.app["state"]
+    state = request.app[NODE_STATE]
     settings = state.settings
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat or None,
