@@ -5,10 +5,13 @@
 
 :class:`SyncEventPublisher` is the same for synchronous code. Both refuse unknown
 event types and services unless ``allow_unknown=True``, build a complete
-envelope, append it to the channel's bounded history and ``PUBLISH`` it on
-``events:<type>[:<key>]`` in one Lua script (see :mod:`cluster.history`).
+envelope, append it to the channel's bounded history and publish it in one
+Lua script (see :mod:`cluster.history`): a public or broadcast event on
+``events:<type>[:<key>]``, a private one (``user_id``) on its user's channel
+``push:user:{<userId>}`` and on ``push:admin`` (SPEC §3 bus routing, wire
+format in docs/BUS.md), so that it reaches only the nodes holding that user.
 Any other language can publish live-only with a plain ``PUBLISH`` of a JSON
-envelope, or with history by running the same script.
+envelope, or routed and with history by running the same script.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class _PublisherBase:
         """The envelope, and the pending script call that stores and publishes it."""
         kwargs.setdefault("allow_unknown", self.allow_unknown)
         channel, envelope, data = prepare(event_type, payload, source=self.source, **kwargs)
-        args = publish_args(channel, data, envelope["id"], self.history_size, self.history_seconds)
+        args = publish_args(
+            channel, data, envelope["id"], self.history_size, self.history_seconds, envelope.get("userId")
+        )
         return envelope, self._script(keys=publish_keys(channel), args=args)
 
 

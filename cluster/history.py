@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, user_channel
 from cluster.channels import ChannelError, Pattern, parse_channel
 
 EPOCH_KEY = "push:epoch"
@@ -35,8 +36,11 @@ SCAN_BATCH = 200
 
 PUBLISH_SCRIPT = """
 -- KEYS: 1 stream of the channel, 2 channel set of the domain, 3 sequence, 4 clock, 5 epoch
--- ARGV: 1 bus channel (events:<channel>), 2 envelope JSON, 3 event id, 4 channel,
---       5 max events per channel, 6 retention ms, 7 epoch to create if there is none
+-- ARGV: 1 bus channel (events:<channel>, or push:user:{<userId>} for a private event),
+--       2 envelope JSON, 3 event id, 4 channel, 5 max events per channel, 6 retention ms,
+--       7 epoch to create if there is none,
+--       8 (private events only) push:admin: then ARGV[1] and ARGV[8] both get the routed
+--         message "<channel> <envelope>" instead of the bare envelope
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -50,6 +54,10 @@ redis.call('XTRIM', KEYS[1], 'MINID', now - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], retention)
+if ARGV[8] and ARGV[8] ~= '' then
+  local routed = ARGV[4] .. ' ' .. ARGV[2]
+  return redis.call('PUBLISH', ARGV[1], routed) + redis.call('PUBLISH', ARGV[8], routed)
+end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 """
 
@@ -89,9 +97,17 @@ def publish_keys(channel: str) -> list[str]:
     return [STREAM_PREFIX + channel, CHANNELS_PREFIX + domain, SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
 
 
-def publish_args(channel: str, envelope: bytes, event_id: str, max_events: int, retention_seconds: int) -> list[object]:
-    return [
-        "events:" + channel,
+def publish_args(
+    channel: str,
+    envelope: bytes,
+    event_id: str,
+    max_events: int,
+    retention_seconds: int,
+    user_id: str | None = None,
+) -> list[object]:
+    """The script's arguments: a private event goes to its user's channel and ``push:admin`` (SPEC §3)."""
+    args: list[object] = [
+        EVENTS_PREFIX + channel if user_id is None else user_channel(user_id),
         envelope,
         event_id,
         channel,
@@ -99,6 +115,9 @@ def publish_args(channel: str, envelope: bytes, event_id: str, max_events: int, 
         retention_seconds * 1000,
         secrets.token_hex(4),
     ]
+    if user_id is not None:
+        args.append(ADMIN_CHANNEL)
+    return args
 
 
 def _position(entry_id: bytes) -> tuple[int, int]:

@@ -7,7 +7,10 @@ never user or connection ids.
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from typing import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 WS_CONNECTIONS = Gauge("ws_connections_total", "Open WebSocket connections on this process.")
 EVENTS_PUBLISHED = Counter("events_published_total", "Events taken from the bus (node) or published (SDK).")
@@ -24,16 +27,57 @@ CONNECTIONS_REJECTED = Counter(
     "connections_rejected_total", "Connections refused or closed by policy, by reason.", ["reason"]
 )
 REDIS_RECONNECTS = Counter("redis_reconnects_total", "Times the bus connection was lost and re-established.")
-BUS_CONNECTED = Gauge("bus_connected", "1 while this process is subscribed to the Redis bus, 0 while it is reconnecting.")
+BUS_CONNECTED = Gauge(
+    "bus_connected", "1 while this process is subscribed to the Redis bus, 0 while it is reconnecting."
+)
 PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clients, by code.", ["code"])
+BUS_SUBSCRIPTIONS = Gauge("bus_subscriptions", "Redis channels and patterns this node is subscribed to.")
+BUS_PLAIN_PRIVATE = Counter(
+    "bus_plain_private_events_total",
+    "Private events that arrived by plain PUBLISH on events:<channel>: they cost every interested node "
+    "(publish them with the SDK to route them to their user's node).",
+)
+
+
+class BusCounts:
+    """Bus messages a node took, by route, counted as plain ints: the hot path pays no metric call."""
+
+    __slots__ = ("user", "admin", "events", "legacy", "unwanted")
+
+    def __init__(self) -> None:
+        self.user = self.admin = self.events = self.legacy = self.unwanted = 0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        taken = CounterMetricFamily(
+            "bus_messages",
+            "Messages taken from the bus, by route (user channel, push:admin, events:, legacy).",
+            labels=["route"],
+        )
+        for route in ("user", "admin", "events", "legacy"):
+            taken.add_metric([route], getattr(self, route))
+        yield taken
+        yield CounterMetricFamily(
+            "bus_messages_unwanted",
+            "Bus messages dropped before parsing because no local connection could receive them.",
+            value=self.unwanted,
+        )
+
+
+BUS_COUNTS = BusCounts()
+REGISTRY.register(BUS_COUNTS)  # type: ignore[arg-type]
 
 
 def render() -> tuple[bytes, str]:
     """The exposition text and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST
 
+
 # --- router (SPEC §7) ---------------------------------------------------------------
 ROUTER_ROUTES = Counter("router_routes_total", "Connections and route lookups sent to each node.", ["node"])
-ROUTER_PROXIED_CONNECTIONS = Gauge("router_proxied_connections", "WebSocket connections the router is relaying, per node.", ["node"])
-ROUTER_PROXY_ERRORS = Counter("router_proxy_errors_total", "Failures to open or relay a proxied connection, by reason.", ["reason"])
+ROUTER_PROXIED_CONNECTIONS = Gauge(
+    "router_proxied_connections", "WebSocket connections the router is relaying, per node.", ["node"]
+)
+ROUTER_PROXY_ERRORS = Counter(
+    "router_proxy_errors_total", "Failures to open or relay a proxied connection, by reason.", ["reason"]
+)
 ROUTER_NODES = Gauge("router_nodes", "Live nodes in the router's ring.")

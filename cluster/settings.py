@@ -99,6 +99,9 @@ class Settings:
     max_envelope_bytes: int = _setting(
         65536, "PUSH_MAX_ENVELOPE_BYTES", "Largest event envelope accepted from the bus."
     )
+    bus_linger_seconds: float = _setting(
+        2.0, "PUSH_BUS_LINGER_SECONDS", "Seconds a bus subscription nobody uses any more is kept before UNSUBSCRIBE."
+    )
     ws_heartbeat: float = _setting(30.0, "PUSH_WS_HEARTBEAT", "Seconds between WebSocket protocol pings.")
     # --- cluster ---------------------------------------------------------------
     drain_seconds: float = _setting(
@@ -123,7 +126,11 @@ class Settings:
         "Take the client IP from the last X-Forwarded-For entry (only behind a proxy that sets it).",
         _bool,
     )
-    web_root: str = _setting("", "PUSH_WEB_ROOT", "Folder the router serves the live page and browser client from; default: the checkout's web/.")
+    web_root: str = _setting(
+        "",
+        "PUSH_WEB_ROOT",
+        "Folder the router serves the live page and browser client from; default: the checkout's web/.",
+    )
     # --- recovery --------------------------------------------------------------
     history_size: int = _setting(1000, "PUSH_HISTORY_SIZE", "Events kept per channel for recovery.")
     history_seconds: int = _setting(300, "PUSH_HISTORY_SECONDS", "Seconds events are kept per channel for recovery.")

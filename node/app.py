@@ -43,7 +43,7 @@ class NodeState:
         self.node_id = settings.effective_node_id
         self.broker = broker
         self.verifier = TokenVerifier(settings)
-        self.hub = Hub(self.node_id, settings.public_domains, settings.max_envelope_bytes)
+        self.hub = Hub(self.node_id, settings.public_domains, settings.max_envelope_bytes, broker)
         client = broker.client if isinstance(broker, RedisBroker) else None
         self.slots = ConnectionSlots(client, settings.max_connections_per_user, settings.connection_lease_seconds)
         self.draining = False
@@ -154,7 +154,11 @@ def create_app(
     settings: Settings, broker: Broker | None = None, membership: Membership | None = None
 ) -> web.Application:
     app = web.Application(client_max_size=settings.max_frame_bytes)
-    state = NodeState(settings, broker or RedisBroker(settings.redis_url), membership)
+    if broker is None:
+        broker = RedisBroker(
+            settings.redis_url, linger_seconds=settings.bus_linger_seconds, name=settings.effective_node_id
+        )
+    state = NodeState(settings, broker, membership)
     app[NODE_STATE] = state
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)

@@ -59,13 +59,14 @@ def push_bucket(per_second: float, burst: float, now: float) -> TokenBucket:
 class Subscription:
     """One pattern a connection subscribed to, with its options."""
 
-    __slots__ = ("pattern", "max_rank", "bucket", "held")
+    __slots__ = ("pattern", "max_rank", "bucket", "held", "bus_names")
 
     def __init__(self, pattern: Pattern, max_rank: int, bucket: TokenBucket | None) -> None:
         self.pattern = pattern
         self.max_rank = max_rank  # deliver events with priority rank <= this (3 admits all)
         self.bucket = bucket  # options.limit, if lower than the connection's rate
-        self.held: list[HeldEvent] | None = None  # live events kept aside while history replays
+        self.held: list[HeldEvent] | None = None  # live events kept aside until the ack (and history) is out
+        self.bus_names: tuple[str, ...] = ()  # the bus subscriptions this pattern holds on the node
 
 
 class ClientConnection:
@@ -86,6 +87,7 @@ class ClientConnection:
         self.transport = transport
         self.remote = remote
         self.subscriptions: dict[Pattern, Subscription] = {}
+        self.bus_names: tuple[str, ...] = ()  # the bus channels its identity holds (user channel, push:admin)
         self._loop = asyncio.get_running_loop()
         self.bucket = push_bucket(settings.events_per_second, settings.events_burst, self._loop.time())
         self._settings = settings

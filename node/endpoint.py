@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from node.app import NodeState
 
 LOWEST_RANK = 3
+BUS_SETTLE_SECONDS = 2.0  # longest a subscribe waits for Redis to confirm its bus subscriptions
 NODE_STATE: web.AppKey[NodeState] = web.AppKey("node_state")
 
 
@@ -251,16 +252,22 @@ class Session:
                 burst = max(1.0, min(float(settings.events_burst), message.limit))
                 bucket = push_bucket(message.limit, burst, asyncio.get_running_loop().time())
             subscription = Subscription(pattern, max_rank, bucket)
-            if message.since is not None and is_new:
-                subscription.held = []  # live events wait until history has been replayed
+            if is_new:
+                # Live events wait until the ack is out (and history replayed): the client
+                # sees the ack first, then every event published after it, none twice.
+                subscription.held = []
                 added.append((text, subscription))
-            elif not is_new:
+            else:
                 subscription.held = conn.subscriptions[pattern].held
             hub.subscribe(conn, subscription)
             subscribed.append(text)
         if subscribed:
             recovered = None
             replays: dict = {}
+            if added:
+                # The ack promises every event published after it: Redis must have
+                # confirmed the bus subscriptions this subscribe created first.
+                await self.state.broker.settled(hub.bus_names(conn), BUS_SETTLE_SECONDS)
             if message.since is not None:
                 replays = await self.state.recovery.fetch(message.since, [s.pattern for _, s in added])
                 new_ones = {text: s.pattern for text, s in added}

@@ -6,6 +6,11 @@ plus the subscribers that matched — never a scan over every connection. A
 private event (one with a ``userId``) only looks at that user's connections and
 at admins. The event frame is encoded once per event and the same bytes are
 handed to every recipient.
+
+The hub also tells the bus what this node needs (SPEC §3 bus routing): each
+connection holds its user's channel (and ``push:admin`` for admins), each
+subscription the ``events:`` names its pattern needs. A bus message is checked
+against local interest by its channel name before its envelope is parsed.
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ from typing import Iterable, Iterator
 import orjson
 
 from cluster import protocol
-from cluster.broker import EVENTS_PREFIX, LEGACY_CHANNEL
+from cluster.broker import Broker
+from cluster.bus_routing import (
+    ADMIN_CHANNEL,
+    EVENTS_PREFIX,
+    LEGACY_CHANNEL,
+    USER_PREFIX,
+    USER_SUFFIX,
+    identity_interest,
+    pattern_interest,
+    split_routed,
+)
 from cluster.channels import Channel, ChannelError, Pattern, candidate_patterns, parse_channel
 from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legacy
 from cluster.history import make_cursor
 from cluster.logs import RateLimitedLog
-from cluster.metrics import EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
+from cluster.metrics import BUS_COUNTS, BUS_PLAIN_PRIVATE, EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
 from node.connection import (
     WRITE_HIGH_WATER,
     ClientConnection,
@@ -37,23 +52,38 @@ from node.queue import CONFLATED_TYPES
 
 LEGACY_CHANNEL_BYTES = LEGACY_CHANNEL.encode()
 EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
+USER_PREFIX_BYTES = USER_PREFIX.encode()
+ADMIN_CHANNEL_BYTES = ADMIN_CHANNEL.encode()
+USER_ID_SLICE = slice(len(USER_PREFIX), -len(USER_SUFFIX))
 CHANNEL_CACHE_SIZE = 10_000
 RECENT_IDS = 20_000  # event ids remembered to make a bus catch-up idempotent
+DELIVERED_LIVE = 1  # recent-id flags: seen on the live stream...
+DELIVERED_REPLAY = 2  # ...or delivered to everyone by a bus catch-up
+
+# Who a private event goes to, by the bus channel it came on: its user channel reaches the
+# user's connections, push:admin the admins (other than the user), events: both.
+TO_ALL, TO_OWNERS, TO_ADMINS = 0, 1, 2
+
+ChannelEntry = tuple[str, Channel, tuple[Pattern, ...]]
 
 
 class Hub:
-    def __init__(self, node_id: str, public_domains: Iterable[str], max_envelope_bytes: int) -> None:
+    def __init__(
+        self, node_id: str, public_domains: Iterable[str], max_envelope_bytes: int, bus: Broker | None = None
+    ) -> None:
         self.node_id = node_id
         self.public_domains = frozenset(public_domains)
         self.max_envelope_bytes = max_envelope_bytes
+        self.bus = bus
         self.epoch = ""
         self.connections: dict[str, ClientConnection] = {}
         self.by_user: dict[str, set[ClientConnection]] = {}
         self.admins: set[ClientConnection] = set()
         self.index: dict[Pattern, dict[ClientConnection, Subscription]] = {}
-        self._channels: dict[bytes, tuple[str, Channel, tuple[Pattern, ...]]] = {}
+        self._channels: dict[bytes, ChannelEntry] = {}  # bus channel -> parsed
+        self._routed: dict[bytes, ChannelEntry] = {}  # channel name of a routed message -> parsed
         self._log_bad_event = RateLimitedLog(per_second=5)
-        self._recent_ids: OrderedDict[str, None] = OrderedDict()
+        self._recent_ids: OrderedDict[str, int] = OrderedDict()
         self._overlap_until = 0.0  # monotonic time until which live events may repeat a catch-up
 
     # --- connections and subscriptions -------------------------------------------
@@ -70,16 +100,21 @@ class Hub:
         self._unindex_identity(conn)
 
     def reidentify(self, conn: ClientConnection, identity: object) -> None:
-        """Swap a connection's identity (token refresh) keeping the indexes right."""
+        """Swap a connection's identity (token refresh) keeping the indexes and the bus interest right."""
         self._unindex_identity(conn)
         conn.identity = identity  # type: ignore[assignment]
         self._index_identity(conn)
+        for subscription in conn.subscriptions.values():
+            self._want(subscription, self._pattern_names(conn, subscription.pattern))
 
     def _index_identity(self, conn: ClientConnection) -> None:
         if conn.user_id is not None:
             self.by_user.setdefault(conn.user_id, set()).add(conn)
         if conn.identity.is_admin:
             self.admins.add(conn)
+        conn.bus_names = identity_interest(conn.user_id, conn.identity.is_admin)
+        if self.bus is not None:
+            self.bus.want(conn.bus_names)
 
     def _unindex_identity(self, conn: ClientConnection) -> None:
         if conn.user_id is not None:
@@ -89,6 +124,26 @@ class Hub:
                 if not peers:
                     del self.by_user[conn.user_id]
         self.admins.discard(conn)
+        if self.bus is not None:
+            self.bus.unwant(conn.bus_names)
+        conn.bus_names = ()
+
+    def _pattern_names(self, conn: ClientConnection, pattern: Pattern) -> tuple[str, ...]:
+        return pattern_interest(pattern, conn.user_id is None, self.public_domains)
+
+    def _want(self, subscription: Subscription, names: tuple[str, ...]) -> None:
+        """Hold ``names`` for a subscription instead of what it held before."""
+        if self.bus is not None:
+            self.bus.want(names)
+            self.bus.unwant(subscription.bus_names)
+        subscription.bus_names = names
+
+    def bus_names(self, conn: ClientConnection) -> list[str]:
+        """Every bus name a connection holds (what a subscribe waits for before its ack)."""
+        names = list(conn.bus_names)
+        for subscription in conn.subscriptions.values():
+            names.extend(subscription.bus_names)
+        return names
 
     def may_subscribe(self, conn: ClientConnection, pattern: Pattern) -> bool:
         """Anonymous connections may only name public domains (``*`` is filtered instead)."""
@@ -98,14 +153,20 @@ class Hub:
 
     def subscribe(self, conn: ClientConnection, subscription: Subscription) -> None:
         pattern = subscription.pattern
-        if pattern not in conn.subscriptions:
+        previous = conn.subscriptions.get(pattern)
+        if previous is None:
             SUBSCRIPTIONS_ACTIVE.inc()
+        else:
+            subscription.bus_names = previous.bus_names
+        self._want(subscription, self._pattern_names(conn, pattern))
         conn.subscriptions[pattern] = subscription
         self.index.setdefault(pattern, {})[conn] = subscription
 
     def unsubscribe(self, conn: ClientConnection, pattern: Pattern) -> None:
-        if conn.subscriptions.pop(pattern, None) is None:
+        subscription = conn.subscriptions.pop(pattern, None)
+        if subscription is None:
             return
+        self._want(subscription, ())
         SUBSCRIPTIONS_ACTIVE.dec()
         subscribers = self.index.get(pattern)
         if subscribers is not None:
@@ -129,50 +190,131 @@ class Hub:
     # --- events: the hot path ----------------------------------------------------------
 
     def on_bus_message(self, bus_channel: bytes, data: bytes, replayed: bool = False) -> None:
-        """Parse one bus message once, then deliver it to every local recipient.
+        """Route one bus message by its bus channel; parse it only if a local connection may want it.
 
         ``replayed`` marks events a bus catch-up takes from history: those, and live
         events for a short while after a catch-up, are skipped if already delivered.
         Otherwise ids are not checked, so a publisher reusing an id is not silenced.
         """
+        counts = BUS_COUNTS
         try:
-            if bus_channel == LEGACY_CHANNEL_BYTES:
+            if bus_channel.startswith(USER_PREFIX_BYTES):
+                counts.user += 1
+                self._on_user_message(bus_channel, data)
+            elif bus_channel.startswith(EVENTS_PREFIX_BYTES):
+                counts.events += 1
+                self._on_events_message(bus_channel, data, replayed)
+            elif bus_channel == ADMIN_CHANNEL_BYTES:
+                counts.admin += 1
+                self._on_admin_message(data)
+            elif bus_channel == LEGACY_CHANNEL_BYTES:
+                counts.legacy += 1
                 envelope = self._parse_legacy(data)
-                name = envelope.type
-                channel = Channel(name, None)
-                candidates = candidate_patterns(channel)
+                channel = Channel(envelope.type, None)
+                self._accept(envelope.type, channel, candidate_patterns(channel), envelope, TO_ALL, False)
             else:
-                name, channel, candidates = self._channel(bus_channel)
-                envelope = parse_envelope(data, self.max_envelope_bytes)
-                if envelope.type != channel.type:
-                    raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
+                raise ChannelError("not a bus channel")
         except (EnvelopeError, ChannelError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "reason", "invalid_channel")
-            count_drop("malformed")
-            self._log_bad_event(
-                "malformed_event",
-                logging.WARNING,
-                node=self.node_id,
-                reason=reason,
-                channel=bus_channel[:200].decode(errors="replace"),
-                detail=str(exc)[:200],
-            )
+            self._malformed(bus_channel, exc)
+
+    def _on_events_message(self, bus_channel: bytes, data: bytes, replayed: bool) -> None:
+        name, channel, candidates = self._channel(bus_channel)
+        index = self.index
+        for pattern in candidates:
+            if pattern in index:
+                break
+        else:
+            BUS_COUNTS.unwanted += 1
             return
+        envelope = parse_envelope(data, self.max_envelope_bytes)
+        if envelope.type != channel.type:
+            raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
+        if envelope.user_id is not None and not replayed:
+            BUS_PLAIN_PRIVATE.inc()
+        self._accept(name, channel, candidates, envelope, TO_ALL, replayed)
+
+    def _on_user_message(self, bus_channel: bytes, data: bytes) -> None:
+        """A private event on its user's channel: only that user's connections here can want it."""
+        user_id = bus_channel[USER_ID_SLICE].decode()
+        owners = self.by_user.get(user_id)
+        if not owners:
+            BUS_COUNTS.unwanted += 1  # the user left this node; the linger keeps the channel a moment
+            return
+        channel_name, raw = split_routed(data)
+        name, channel, candidates = self._routed_channel(channel_name)
+        if not any(_wants(conn, candidates) for conn in owners):
+            BUS_COUNTS.unwanted += 1
+            return
+        envelope = parse_envelope(raw, self.max_envelope_bytes)
+        if envelope.type != channel.type:
+            raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
+        if envelope.user_id != user_id:
+            raise EnvelopeError("channel_mismatch", f"an event of another user on the channel of {user_id}")
+        self._accept(name, channel, candidates, envelope, TO_OWNERS, False)
+
+    def _on_admin_message(self, data: bytes) -> None:
+        """A private event on ``push:admin``: for this node's admins other than its user."""
+        admins = self.admins
+        if not admins:
+            BUS_COUNTS.unwanted += 1
+            return
+        channel_name, raw = split_routed(data)
+        name, channel, candidates = self._routed_channel(channel_name)
+        if not any(_wants(conn, candidates) for conn in admins):
+            BUS_COUNTS.unwanted += 1
+            return
+        envelope = parse_envelope(raw, self.max_envelope_bytes)
+        if envelope.type != channel.type:
+            raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
+        if envelope.user_id is None:
+            raise EnvelopeError("missing_user", "an event without userId on push:admin")
+        self._accept(name, channel, candidates, envelope, TO_ADMINS, False)
+
+    def _accept(
+        self,
+        name: str,
+        channel: Channel,
+        candidates: tuple[Pattern, ...],
+        envelope: Envelope,
+        route: int,
+        replayed: bool,
+    ) -> None:
+        """Skip what a bus catch-up already delivered, remember the id, deliver."""
         recent = self._recent_ids
-        if (replayed or self._overlap_until > time.monotonic()) and envelope.id in recent:
-            return  # already delivered: a bus catch-up after a reconnect overlaps the live stream
-        recent[envelope.id] = None
+        if replayed:
+            if envelope.id in recent:
+                return  # delivered live before the outage was noticed
+            recent[envelope.id] = DELIVERED_REPLAY
+        else:
+            seen = recent.get(envelope.id)
+            if seen is None:
+                recent[envelope.id] = DELIVERED_LIVE
+            elif seen == DELIVERED_REPLAY and self._overlap_until > time.monotonic():
+                return  # the catch-up after a reconnect overlaps the live stream
         if len(recent) > RECENT_IDS:
             recent.popitem(last=False)
         EVENTS_PUBLISHED.inc()
-        self.dispatch(name, channel, candidates, envelope)
+        self.dispatch(name, channel, candidates, envelope, route)
 
-    def dispatch(self, name: str, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope) -> int:
+    def _malformed(self, bus_channel: bytes, exc: Exception) -> None:
+        count_drop("malformed")
+        self._log_bad_event(
+            "malformed_event",
+            logging.WARNING,
+            node=self.node_id,
+            reason=getattr(exc, "reason", "invalid_channel"),
+            channel=bus_channel[:200].decode(errors="replace"),
+            detail=str(exc)[:200],
+        )
+
+    def dispatch(
+        self, name: str, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope, route: int = TO_ALL
+    ) -> int:
         """Deliver one parsed event; returns how many connections it was written to now."""
         if envelope.expires_at is not None and envelope.expires_at < time.time_ns() // 1_000_000:
             count_drop("expired")
             return 0
-        recipients = self._recipients(channel, candidates, envelope)
+        recipients = self._recipients(channel, candidates, envelope, route)
         if recipients is None:
             return 0
         frame = text_frame(protocol.event_frame(name, envelope.raw, make_cursor(self.epoch, name, envelope.id)))
@@ -204,10 +346,10 @@ class Hub:
         return written
 
     def _recipients(
-        self, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope
+        self, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope, route: int
     ) -> Iterator[tuple[ClientConnection, Subscription]] | None:
         if envelope.user_id is not None:
-            return self._private_recipients(candidates, envelope)
+            return self._private_recipients(candidates, envelope, route)
         matched = [subs for pattern in candidates if (subs := self.index.get(pattern))]
         if not matched:
             return None
@@ -223,12 +365,13 @@ class Hub:
         return ((c, s) for c, s in pairs if c.identity.user_id is not None)
 
     def _private_recipients(
-        self, candidates: tuple[Pattern, ...], envelope: Envelope
+        self, candidates: tuple[Pattern, ...], envelope: Envelope, route: int
     ) -> Iterator[tuple[ClientConnection, Subscription]]:
         """Only the event's user and admins can receive it: look at those, not at subscribers."""
-        owners = self.by_user.get(envelope.user_id or "", ())
+        owners = self.by_user.get(envelope.user_id or "", ()) if route != TO_ADMINS else ()
+        admins = [a for a in self.admins if a.user_id != envelope.user_id] if route != TO_OWNERS else ()
         sid = envelope.session_id
-        for conn in (*owners, *(a for a in self.admins if a.user_id != envelope.user_id)):
+        for conn in (*owners, *admins):
             if sid is not None and conn.identity.session_id != sid and not conn.identity.is_admin:
                 continue
             subscription = _best_subscription(conn, candidates, envelope.priority)
@@ -248,6 +391,18 @@ class Hub:
         entry = self._channels[bus_channel] = (name, channel, candidate_patterns(channel))
         return entry
 
+    def _routed_channel(self, name: bytes) -> ChannelEntry:
+        """The event channel a routed message names (``<channel> <envelope>``), parsed once per name."""
+        cached = self._routed.get(name)
+        if cached is not None:
+            return cached
+        text = name.decode()
+        channel = parse_channel(text)
+        if len(self._routed) >= CHANNEL_CACHE_SIZE:
+            self._routed.clear()
+        entry = self._routed[name] = (text, channel, candidate_patterns(channel))
+        return entry
+
     def _parse_legacy(self, data: bytes) -> Envelope:
         if len(data) > self.max_envelope_bytes:
             raise EnvelopeError("too_large", "legacy message too large")
@@ -256,6 +411,12 @@ class Hub:
         except orjson.JSONDecodeError:
             raise EnvelopeError("invalid_json", "legacy message is not JSON") from None
         return wrap_legacy(message, data)
+
+
+def _wants(conn: ClientConnection, candidates: tuple[Pattern, ...]) -> bool:
+    """Whether one of the connection's patterns matches the channel (priority aside)."""
+    subscriptions = conn.subscriptions
+    return any(pattern in subscriptions for pattern in candidates)
 
 
 def _best_subscription(conn: ClientConnection, candidates: tuple[Pattern, ...], rank: int) -> Subscription | None:

@@ -1,0 +1,244 @@
+"""One Redis pub/sub connection read in bulk: the node's bus hot path.
+
+redis-py's ``PubSub.get_message`` costs a chain of coroutine calls per message;
+here an asyncio protocol feeds each socket read to ``hiredis.Reader`` and hands
+every message to a synchronous callback, so many messages cost one read.
+Commands, scripts and everything else stay on redis-py.
+
+Redis delivers a message once per matching subscription of a client, so a node
+holding ``events:market.ticker:BTC`` and ``events:market.*`` would get the same
+publish twice. The connection tracks which subscriptions Redis has confirmed at
+each point of the stream (confirmations arrive in order with the messages) and
+passes a message on only through the first of them that covers its channel.
+
+``PING`` is the barrier: its reply comes after every earlier command's, so a
+subscription is live once the ping sent after it is answered. A refused command
+(an ACL without the channel, say) fails the connection; the broker reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fnmatch
+import ssl
+from typing import Any, Callable
+
+import hiredis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+
+from cluster.bus_routing import EVENTS_PREFIX, covering_names, is_glob
+from cluster.channels import ChannelError, parse_channel
+
+MessageHandler = Callable[[bytes, bytes], None]
+"""Called with (bus channel, message) for every message, synchronously."""
+
+CONNECT_TIMEOUT_SECONDS = 2.0
+MAX_ARGS_PER_COMMAND = 1_000
+COVER_CACHE_SIZE = 10_000
+EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
+
+_MESSAGE = b"message"
+_PMESSAGE = b"pmessage"
+_SUBSCRIBED = (b"subscribe", b"psubscribe")
+_UNSUBSCRIBED = (b"unsubscribe", b"punsubscribe")
+_PONG = b"pong"
+
+
+class BusRefused(ConnectionError):
+    """Redis answered a command of the bus connection with an error (ACL, auth, …)."""
+
+
+def encode_command(*args: bytes | str) -> bytes:
+    """One command in RESP (an array of bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class BusConnection(asyncio.Protocol):
+    """A subscriber connection: sends (P)SUBSCRIBE/(P)UNSUBSCRIBE/PING, hands messages to ``on_message``."""
+
+    def __init__(self, on_message: MessageHandler, on_error: Callable[[BaseException], None]) -> None:
+        self._on_message = on_message
+        self._on_error = on_error
+        self._reader = hiredis.Reader()
+        self._transport: asyncio.Transport | None = None
+        self._pongs: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._covers: dict[bytes, tuple[bytes, ...] | None] = {}
+        self.active: set[bytes] = set()  # subscriptions Redis has confirmed, as of the stream read so far
+        self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+    # --- opening --------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, url: str, on_message: MessageHandler, on_error: Callable[[BaseException], None], name: str = ""
+    ) -> BusConnection:
+        """Connect, authenticate and name the connection; raises ``BusRefused`` or an OSError."""
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = parse_url(url)
+        connection_class = options.get("connection_class")
+        protocol = cls(on_message, on_error)
+        if connection_class is UnixDomainSocketConnection:
+            connecting = loop.create_unix_connection(lambda: protocol, options["path"])
+        else:
+            context = _ssl_context(options) if connection_class is SSLConnection else None
+            host, port = options.get("host", "127.0.0.1"), options.get("port", 6379)
+            connecting = loop.create_connection(lambda: protocol, host, port, ssl=context)
+        await asyncio.wait_for(connecting, CONNECT_TIMEOUT_SECONDS)
+        commands = []
+        if options.get("password"):
+            credentials = [options["username"]] if options.get("username") else []
+            commands.append(encode_command("AUTH", *credentials, options["password"]))
+        if name:
+            commands.append(encode_command("CLIENT", "SETNAME", name))
+        if commands:
+            protocol._write(b"".join(commands))
+        if not await asyncio.wait_for(protocol.ping(), CONNECT_TIMEOUT_SECONDS):
+            protocol.close()
+            raise _reason(protocol.closed)
+        return protocol
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                self._process()
+                return
+            except Exception as exc:  # a bug handling one message must not stop the bus
+                self._on_error(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or ConnectionError("Redis closed the bus connection"))
+
+    # --- the hot path ---------------------------------------------------------------
+
+    def _process(self) -> None:
+        gets, on_message, active = self._reader.gets, self._on_message, self.active
+        while (reply := gets()) is not False:
+            if type(reply) is list:
+                kind = reply[0]
+                if kind == _MESSAGE:
+                    on_message(reply[1], reply[2])
+                elif kind == _PMESSAGE:
+                    if self._first_cover(reply[2]) == reply[1]:
+                        on_message(reply[2], reply[3])
+                elif kind in _SUBSCRIBED:
+                    active.add(reply[1])
+                elif kind in _UNSUBSCRIBED:
+                    active.discard(reply[1])
+                elif kind == _PONG:
+                    self._pong(True)
+            elif isinstance(reply, hiredis.ReplyError):
+                self.fail(BusRefused(str(reply)))
+                return
+            elif reply == b"PONG":
+                self._pong(True)
+            # anything else is an +OK (AUTH, CLIENT SETNAME)
+
+    def _first_cover(self, channel: bytes) -> bytes | None:
+        """The first confirmed subscription that carries ``channel``: the one that processes it."""
+        covers = self._covers.get(channel, False)
+        if covers is False:
+            covers = self._covers_of(channel)
+            if len(self._covers) >= COVER_CACHE_SIZE:
+                self._covers.clear()
+            self._covers[channel] = covers
+        active = self.active
+        if covers is None:  # not a valid channel: match like Redis does (rare, about to be dropped)
+            name = channel.decode(errors="replace")
+            globs = sorted(g for g in active if b"*" in g and fnmatch.fnmatchcase(name, g.decode()))
+            return globs[0] if globs else None
+        for cover in covers:
+            if cover in active:
+                return cover
+        return None
+
+    @staticmethod
+    def _covers_of(channel: bytes) -> tuple[bytes, ...] | None:
+        if not channel.startswith(EVENTS_PREFIX_BYTES):
+            return None
+        try:
+            parsed = parse_channel(channel[len(EVENTS_PREFIX_BYTES) :].decode())
+        except (ChannelError, UnicodeDecodeError):
+            return None
+        return tuple(name.encode() for name in covering_names(parsed))
+
+    # --- commands ---------------------------------------------------------------------
+
+    def subscribe(self, names: list[str]) -> None:
+        self._send_split("SUBSCRIBE", "PSUBSCRIBE", names)
+
+    def unsubscribe(self, names: list[str]) -> None:
+        self._send_split("UNSUBSCRIBE", "PUNSUBSCRIBE", names)
+
+    def ping(self) -> asyncio.Future[bool]:
+        """A barrier: resolves True once Redis has answered every command sent before it, False if lost."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.closed.done():
+            future.set_result(False)
+            return future
+        self._pongs.append(future)
+        self._write(encode_command("PING"))
+        return future
+
+    def _send_split(self, exact_command: str, glob_command: str, names: list[str]) -> None:
+        exact = [n for n in names if not is_glob(n)]
+        globs = [n for n in names if is_glob(n)]
+        commands = []
+        for command, group in ((exact_command, exact), (glob_command, globs)):
+            for start in range(0, len(group), MAX_ARGS_PER_COMMAND):
+                commands.append(encode_command(command, *group[start : start + MAX_ARGS_PER_COMMAND]))
+        if commands:
+            self._write(b"".join(commands))
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self.closed.done():
+            self._transport.write(data)
+
+    def _pong(self, ok: bool) -> None:
+        if self._pongs:
+            future = self._pongs.popleft()
+            if not future.done():
+                future.set_result(ok)
+
+    # --- closing ------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        """Give up on this connection (the broker reconnects)."""
+        self._finish(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self._finish(ConnectionError("bus connection closed"))
+        if self._transport is not None:
+            self._transport.close()
+
+    def _finish(self, exc: BaseException) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        while self._pongs:
+            self._pong(False)
+        self.active.clear()
+
+
+def _reason(closed: asyncio.Future[BaseException]) -> BaseException:
+    return closed.result() if closed.done() else ConnectionError("bus connection failed")
+
+
+def _ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """TLS as redis-py does it for ``rediss://``: verified unless ``ssl_cert_reqs=none``."""
+    context = ssl.create_default_context(cafile=options.get("ssl_ca_certs"))
+    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
