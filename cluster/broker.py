@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.bus_interest import InterestCounts
-from cluster.bus_reader import BusConnection, MessageHandler
+from cluster.bus_reader import BusConnection, BusRefused, MessageHandler
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, LEGACY_CHANNEL, USER_PREFIX, BusName
 from cluster.history import EPOCH_KEY
 from cluster.logs import RateLimitedLog, log
@@ -101,6 +101,7 @@ class RedisBroker(Broker):
         self._flush_scheduled = False
         self._pending: dict[BusName, asyncio.Future[bool]] = {}  # sent, not yet confirmed
         self._log_handler_error = RateLimitedLog(per_second=1)
+        self._log_refused = RateLimitedLog(per_second=0.2, burst=3)
 
     async def publish(self, channel: str, message: bytes) -> int:
         return int(await self.client.publish(channel, message))
@@ -212,7 +213,9 @@ class RedisBroker(Broker):
             except BUS_ERRORS as exc:
                 self.ready.clear()
                 BUS_CONNECTED.set(0)
-                if not lost:
+                if isinstance(exc, BusRefused):  # a misconfiguration (ACL, password): said on every retry, bounded
+                    self._log_refused("bus_refused", logging.ERROR, url=_safe_url(self.url), detail=str(exc)[:200])
+                elif not lost:
                     log(
                         "redis_lost",
                         logging.WARNING,

@@ -90,3 +90,48 @@ async def test_new_clients_are_accepted_after_redis_comes_back(start_node, priva
     await client.subscribe(["risk.*"])
     envelope = publish(private_redis.url, "risk.alert", {"level": "high"}, user_id=bob)
     assert (await client.events(1))[0]["data"] == envelope
+
+
+async def test_redis_refusing_subscribe_keeps_clients_and_catches_up_from_history(start_node, private_redis, connect):
+    """An ACL that stops allowing the node's user channels: the bus reconnects until it may
+    subscribe again, clients stay connected, and what was published meanwhile is delivered."""
+    admin = private_redis.client()
+    try:
+        admin.execute_command("ACL", "SETUSER", "node", "on", ">node-password", "~*", "+@all", "allchannels")
+        url = f"redis://node:node-password@127.0.0.1:{private_redis.port}/0"
+        from conftest import NodeProcess, free_port, node_env
+
+        node = NodeProcess(free_port(), "bus-acl", url, node_env(), [])
+        node.start()
+        try:
+            alice = f"alice-{uuid.uuid4().hex[:8]}"
+            client = await connect(node, token=token(alice))
+            await client.subscribe(["order.*"])
+            first = publish(private_redis.url, "order.filled", {"n": 1}, user_id=alice)
+            assert (await client.events(1))[0]["data"] == first
+
+            admin.execute_command(
+                "ACL", "SETUSER", "node", "resetchannels", "&events:*", "&spirit:events", "&push:membership"
+            )
+            await async_wait_until(lambda: readyz_status(node) == 503, timeout=10, message="/readyz 503 while refused")
+            await async_wait_until(
+                lambda: any(
+                    line.get("event") == "bus_refused" and "NOPERM" in line.get("detail", "") for line in node.log_lines()
+                ),
+                timeout=10,
+                message="the node to log that Redis refuses its SUBSCRIBE",
+            )
+            missed = [publish(private_redis.url, "order.filled", {"n": n}, user_id=alice) for n in (2, 3)]
+            admin.execute_command("ACL", "SETUSER", "node", "allchannels")
+            await async_wait_until(lambda: readyz_status(node) == 200, timeout=15, message="/readyz 200 when allowed")
+            assert [e["data"] for e in await client.events(2, timeout=10)] == missed
+            live = publish(private_redis.url, "order.filled", {"n": 4}, user_id=alice)
+            assert (await client.events(1))[0]["data"] == live
+            assert not client.ws.closed
+            assert any(
+                line.get("event") == "bus_refused" and "NOPERM" in line.get("detail", "") for line in node.log_lines()
+            )
+        finally:
+            node.stop()
+    finally:
+        admin.close()

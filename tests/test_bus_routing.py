@@ -26,8 +26,21 @@ KEYS = ["BTC/USDT", "ETH-USD", "a.b@c_d", "x"]
 
 channels = st.builds(Channel, st.sampled_from(TYPES), st.sampled_from([None, *KEYS]))
 patterns = st.sampled_from(
-    ["*", "*:*", "*:BTC/USDT", "market.*", "market.*:*", "market.*:ETH-USD", "order.*", "market.ticker",
-     "market.ticker:*", "market.ticker:BTC/USDT", "order.filled", "order.filled:x", "risk.alert:*"]
+    [
+        "*",
+        "*:*",
+        "*:BTC/USDT",
+        "market.*",
+        "market.*:*",
+        "market.*:ETH-USD",
+        "order.*",
+        "market.ticker",
+        "market.ticker:*",
+        "market.ticker:BTC/USDT",
+        "order.filled",
+        "order.filled:x",
+        "risk.alert:*",
+    ]
 )
 
 
@@ -72,7 +85,10 @@ def test_anonymous_star_is_narrowed_to_the_public_domains():
 
 def test_exact_channels_use_subscribe_and_wildcards_the_narrowest_glob():
     assert pattern_interest(parse_pattern("market.ticker:BTC/USDT"), False, ()) == ("events:market.ticker:BTC/USDT",)
-    assert pattern_interest(parse_pattern("order.filled"), False, ()) == ("events:order.filled", "events:order.filled:*")
+    assert pattern_interest(parse_pattern("order.filled"), False, ()) == (
+        "events:order.filled",
+        "events:order.filled:*",
+    )
     assert pattern_interest(parse_pattern("market.ticker:*"), False, ()) == ("events:market.ticker:*",)
     assert pattern_interest(parse_pattern("order.*"), False, ()) == ("events:order.*",)
 

@@ -200,7 +200,9 @@ async def test_every_event_published_after_the_ack_arrives_while_the_publisher_r
         while not received or received[-1] < last:
             received.append((await client.recv_action("event"))["data"]["payload"]["n"])
         seen = set(received)
-        assert all(n in seen for n in after_ack), f"missed events published after the ack: {sorted(set(after_ack) - seen)[:5]}"
+        assert all(n in seen for n in after_ack), (
+            f"missed events published after the ack: {sorted(set(after_ack) - seen)[:5]}"
+        )
         assert received == sorted(seen), "in order, each once"
         await client.close()
 
@@ -272,8 +274,13 @@ async def test_an_event_of_another_user_on_a_user_channel_is_dropped_as_malforme
     await client.subscribe(["order.*"])
     before = shared_node.metric("events_dropped_total", 'reason="malformed"')
     foreign = {
-        "id": str(uuid.uuid4()), "type": "order.filled", "source": "order-executor",
-        "timestamp": int(time.time() * 1000), "version": "1.0", "userId": mallory, "payload": {},
+        "id": str(uuid.uuid4()),
+        "type": "order.filled",
+        "source": "order-executor",
+        "timestamp": int(time.time() * 1000),
+        "version": "1.0",
+        "userId": mallory,
+        "payload": {},
     }
     publish_raw(shared_node.redis_url, f"push:user:{{{alice}}}", b"order.filled " + orjson.dumps(foreign))
     publish_raw(shared_node.redis_url, f"push:user:{{{alice}}}", b"no-separator-at-all")
