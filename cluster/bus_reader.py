@@ -36,6 +36,7 @@ MessageHandler = Callable[[bytes, bytes], None]
 CONNECT_TIMEOUT_SECONDS = 2.0
 MAX_ARGS_PER_COMMAND = 1_000
 COVER_CACHE_SIZE = 10_000
+FEED_CHUNK = 16 * 1024
 EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 
 _MESSAGE = b"message"
@@ -108,13 +109,17 @@ class BusConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
-        while True:
-            try:
-                self._process()
-                return
-            except Exception as exc:  # a bug handling one message must not stop the bus
-                self._on_error(exc)
+        # hiredis compacts its buffer as it goes: fed a 256 KB read at once it costs 4x
+        # more per message than fed 16 KB at a time (measured: 0.92 vs 0.18 us).
+        size = len(data)
+        for offset in range(0, size, FEED_CHUNK):
+            self._reader.feed(data, offset, min(FEED_CHUNK, size - offset))
+            while True:
+                try:
+                    self._process()
+                    break
+                except Exception as exc:  # a bug handling one message must not stop the bus
+                    self._on_error(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(exc or ConnectionError("Redis closed the bus connection"))
