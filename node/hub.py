@@ -202,7 +202,8 @@ class Hub:
                 counts.user += 1
                 self._on_user_message(bus_channel, data)
             elif bus_channel.startswith(EVENTS_PREFIX_BYTES):
-                counts.events += 1
+                if not replayed:
+                    counts.events += 1
                 self._on_events_message(bus_channel, data, replayed)
             elif bus_channel == ADMIN_CHANNEL_BYTES:
                 counts.admin += 1
