@@ -10,7 +10,8 @@ them in order (router and nodes drain, then the private Redis) and exits.
 Children also get SIGTERM if ``up`` itself dies (Linux ``PR_SET_PDEATHSIG``).
 
 If ``PUSH_JWT_SECRET`` is unset a random one is generated, handed to the
-children and printed with the command that makes a token.
+children and printed with the command that makes a token; a placeholder or a
+short one is refused, as ``pushctl node`` and ``pushctl router`` refuse it.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def up(args: argparse.Namespace) -> int:
     if busy:
         print(f"pushctl up: port(s) {', '.join(map(str, busy))} already in use (try --port)", file=sys.stderr)
         return 1
-    if not settings.jwt_secret:
+    if settings.jwt_secret:
+        from cluster.auth import require_strong_secret
+
+        require_strong_secret(settings.jwt_secret, "pushctl up")
+    else:
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
         print("pushctl up: PUSH_JWT_SECRET was not set; generated one for this cluster:")
         print(f"  export PUSH_JWT_SECRET={settings.jwt_secret}")

@@ -180,11 +180,19 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add one flag per setting (all of them, or ``names``) to a CLI parser."""
+def add_setting_flags(
+    parser: argparse.ArgumentParser, names: list[str] | None = None, shown: Mapping[str, Any] | None = None
+) -> None:
+    """Add one flag per setting (all of them, or ``names``) to a CLI parser.
+
+    ``shown`` replaces the default a flag's help states, for a command that
+    applies its own (the router listens on 8080, not the node's 8081).
+    """
+    shown = shown or {}
     for f in fields(Settings):
         if names is not None and f.name not in names:
             continue
+        default = shown.get(f.name, f.default)
         parse = f.metadata["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
         parser.add_argument(
             flag_name(f.name),
@@ -192,7 +200,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: list[str] | None =
             type=parse,
             default=None,
             metavar=f.metadata["env"],
-            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(f.default)})",
+            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(default)})",
         )
 
 
