@@ -37,3 +37,6 @@ ROUTER_ROUTES = Counter("router_routes_total", "Connections and route lookups se
 ROUTER_PROXIED_CONNECTIONS = Gauge("router_proxied_connections", "WebSocket connections the router is relaying, per node.", ["node"])
 ROUTER_PROXY_ERRORS = Counter("router_proxy_errors_total", "Failures to open or relay a proxied connection, by reason.", ["reason"])
 ROUTER_NODES = Gauge("router_nodes", "Live nodes in the router's ring.")
+ROUTER_REDIS_CONNECTED = Gauge(
+    "router_redis_connected", "1 while the router reads the membership from Redis, 0 while it routes on its cached ring."
+)

@@ -3,7 +3,7 @@
 Serves ``/ws`` (the WebSocket proxy of :mod:`router.proxy`), ``/v1/route``
 (``{"node","url"}`` for clients that connect straight to a node),
 ``/v1/cluster`` (admin token: nodes, connections, ring share, health),
-``/healthz``, ``/readyz`` (Redis reachable and at least one live node) and
+``/healthz``, ``/readyz`` (a usable ring: at least one node, Redis or not) and
 ``/metrics``. It keeps no state of its own beyond its live view of the
 membership (:mod:`cluster.membership`) and per-IP rate buckets, so any number
 of routers can stand behind an L4 load balancer. On SIGTERM it stops accepting
@@ -118,15 +118,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while the router holds a usable ring and is not draining; Redis is reported, not required."""
     state: RouterState = request.app[ROUTER_STATE]
-    redis_ok = await state.membership.ping()
-    nodes = len(state.membership.ring)
-    ready = redis_ok and nodes > 0 and not state.draining
+    ready = state.ready
     body = {
         "status": "ready" if ready else "not ready",
         "role": "router",
-        "redis": redis_ok,
-        "nodes": nodes,
+        "redis": state.membership.connected,
+        "nodes": len(state.membership.ring),
         "draining": state.draining,
     }
     return web.json_response(body, status=200 if ready else 503)
