@@ -35,7 +35,7 @@ from typing import Any
 from cluster.settings import Settings, add_setting_flags, settings_from_args
 
 ROUTER_PORT = 8080
-PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url"}
+PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url", "metrics_port"}
 """Settings ``up`` chooses for each process itself."""
 START_TIMEOUT_SECONDS = 20.0
 STOP_GRACE_SECONDS = 5.0
@@ -246,6 +246,7 @@ def _child_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
     env["PUSH_JWT_SECRET"] = settings.jwt_secret
     env.pop("PUSH_PORT", None)
     env.pop("PUSH_NODE_ID", None)
+    env.pop("PUSH_METRICS_PORT", None)  # one port cannot serve every child
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

@@ -45,6 +45,11 @@ class Settings:
         "", "PUSH_INTERNAL_URL", "HTTP URL routers use to reach this node; default: http://127.0.0.1:PORT."
     )
     listen_backlog: int = _setting(8192, "PUSH_LISTEN_BACKLOG", "TCP listen backlog; sized for reconnect storms.")
+    metrics_port: int = _setting(
+        0,
+        "PUSH_METRICS_PORT",
+        "Serve /metrics on this port only, apart from client traffic; 0 serves it on PUSH_PORT.",
+    )
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis event bus.")
     # --- authentication ------------------------------------------------------
     jwt_secret: str = _setting("", "PUSH_JWT_SECRET", "HS256 secret for client tokens.")

@@ -22,8 +22,8 @@ from cluster.auth import AuthError
 from cluster.handshake import authenticate, token_from_request
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
-from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES, render
-from cluster.process import run_loop, run_with_app, serve_app
+from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES
+from cluster.process import add_metrics_route, run_loop, run_with_app, serve_app
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
@@ -131,11 +131,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
 def create_app(settings: Settings, membership: Membership | None = None) -> web.Application:
     app = web.Application()
     state = RouterState(settings, membership)
@@ -145,7 +140,7 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
     app.router.add_get("/v1/cluster", cluster_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_metrics_route(app, settings)
     # the live event page (/) and the browser client (/web/)
     add_static_routes(app, Path(settings.web_root) if settings.web_root else WEB_ROOT)
 

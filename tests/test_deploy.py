@@ -360,8 +360,9 @@ def compose() -> dict[str, Any]:
 
 
 def interpolate(value: Any) -> str:
-    """Compose's ${VAR:-default} / ${VAR-default} with nothing set in the environment."""
-    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", str(value))
+    """Compose's ${VAR:-default} / ${VAR-default} with nothing set; ${VAR:?error} (required) as a marker."""
+    value = re.sub(r"\$\{(\w+):?\?[^}]*\}", r"<required \1>", str(value))
+    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", value)
 
 
 def push_services() -> dict[str, dict[str, Any]]:
@@ -404,7 +405,11 @@ def test_compose_service_command_env_and_ports_match_the_code(service: str) -> N
     assert published == {settings.port}, f"{service}: publishes {published}, listens on {settings.port}"
     redis_host = re.match(r"redis://([^:/]+)", settings.redis_url).group(1)
     assert redis_host in compose()["services"], f"{service}: REDIS_URL points at {redis_host}"
-    assert settings.jwt_secret, f"{service}: nodes and routers need the same PUSH_JWT_SECRET"
+    assert settings.jwt_secret == "<required PUSH_JWT_SECRET>", (
+        f"{service}: PUSH_JWT_SECRET must be required from the shell or deploy/.env, with no default"
+    )
+    assert settings.metrics_port and settings.metrics_port != settings.port
+    assert settings.metrics_port not in published, f"{service}: /metrics must not be published on the host"
     grace = float(svc["stop_grace_period"].removesuffix("s"))
     assert grace >= settings.drain_seconds + 5, f"{service}: stop_grace_period must outlast the drain"
     if service.startswith("node-"):
@@ -429,7 +434,8 @@ def test_prometheus_scrapes_every_router_and_node_and_loads_the_alerts() -> None
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     expected: dict[str, set[str]] = {NODE_JOB: set(), ROUTER_JOB: set()}
     for name, svc in push_services().items():
-        port = Settings.from_env(service_env(svc)).port
+        settings = Settings.from_env(service_env(svc))
+        port = settings.metrics_port or settings.port
         expected[ROUTER_JOB if svc["command"][0] == "router" else NODE_JOB].add(f"{name}:{port}")
     for job_name, targets in expected.items():
         job = jobs[job_name]
@@ -696,7 +702,32 @@ def base_resources() -> tuple[dict[str, Any], ...]:
     listed = {BASE / entry for entry in kustomization(BASE)["resources"]}
     unlisted = set(BASE.glob("*.yaml")) - listed - {BASE / "kustomization.yaml"}
     assert not unlisted, f"files in base/ that kustomization.yaml does not list: {unlisted}"
+    apply_config_map_generators(BASE, docs)
     return tuple(docs)
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A kustomize ``envs`` file: KEY=value lines, # comments."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def apply_config_map_generators(directory: Path, docs: list[dict[str, Any]]) -> None:
+    """configMapGenerator as kustomize applies it: create, or merge into the parent's (behavior: merge)."""
+    for generator in kustomization(directory).get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for name in generator.get("envs", []):
+            data |= env_file(directory / name)
+        data |= dict(literal.split("=", 1) for literal in generator.get("literals", []))
+        if generator.get("behavior") == "merge":
+            (existing,) = find(docs, "ConfigMap", generator["name"])
+            existing["data"] |= data
+            continue
+        assert not find(docs, "ConfigMap", generator["name"]), f"{generator['name']} generated twice"
+        labels = generator.get("options", {}).get("labels", {})
+        docs.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"], "labels": labels}, "data": data}
+        )
 
 
 def find(docs: Any, kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -738,6 +769,7 @@ def overlay_resources() -> tuple[dict[str, Any], ...]:
         else:
             assert path.is_file(), entry
             docs += yaml_docs(path)
+    apply_config_map_generators(OVERLAY, docs)
     for generator in spec.get("secretGenerator", []):
         data = dict(literal.split("=", 1) for literal in generator["literals"])
         docs.append(
@@ -808,7 +840,7 @@ def test_kustomize_renders_what_the_python_loader_sees(directory: Path) -> None:
 
     def key(doc: dict[str, Any]) -> tuple[str, str]:
         name = doc["metadata"]["name"]
-        if doc["kind"] == "Secret":
+        if doc["kind"] in ("Secret", "ConfigMap"):
             name = re.sub(r"-[a-z0-9]{10}$", "", name)  # the generator's content hash
         return doc["kind"], name
 
@@ -850,9 +882,10 @@ def test_every_manifest_env_var_is_a_setting_with_a_valid_value(docs_name: str) 
         for name, source in sourced.items():
             if "secretKeyRef" in source:
                 assert source["secretKeyRef"]["key"] == name, f"{where}: secret key and env var differ"
-                if docs_name == "overlay":
-                    (secret,) = find(docs, "Secret", source["secretKeyRef"]["name"])
-                    assert name in secret["stringData"]
+                assert not source["secretKeyRef"].get("optional", False), f"{where}: a missing Secret must stop the pod"
+                assert not find(docs, "Secret", source["secretKeyRef"]["name"]), (
+                    f"{where}: the manifests must not ship the Secret (a working default secret)"
+                )
         resolved = {k: re.sub(r"\$\((\w+)\)", "10.0.0.1", v) for k, v in env.items()}
         resolved |= {name: "from-the-cluster" for name in sourced if name not in helpers}
         settings = check_settings_env(resolved, where)
@@ -881,14 +914,15 @@ def test_deployment_commands_ports_probes_and_drain_match_the_code() -> None:
         expected_port = Settings().port if role(doc) == "node" else ROUTER_PORT
         assert settings.port == expected_port, f"{where}: listens on {settings.port}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"http": settings.port}
+        assert settings.metrics_port and settings.metrics_port != settings.port, f"{where}: /metrics on its own port"
+        assert ports == {"http": settings.port, "metrics": settings.metrics_port}
         paths = node_paths() if role(doc) == "node" else router_paths()
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path and path in paths, f"{where}: {probe}"
             assert ports.get(get["port"], get["port"]) == settings.port
         annotations = doc["spec"]["template"]["metadata"]["annotations"]
-        assert int(annotations["prometheus.io/port"]) == settings.port
+        assert int(annotations["prometheus.io/port"]) == settings.metrics_port
         assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in paths
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"

@@ -1,19 +1,21 @@
-"""A router keeps the front door open through a Redis outage and forgets nodes that left (issue 16).
+"""Production behaviour of routers and nodes (issue 16): Redis outages, departed nodes, the metrics port.
 
 Real processes: a private redis-server is stopped for 15 s under a router and
 two nodes. The router stays ready (it holds a usable ring), a connection it
 already proxies keeps working, and new connections are routed on the cached
 ring; Redis health shows in ``router_redis_connected`` instead. A node that
-leaves the ring takes its ``node``-labelled router series with it.
+leaves the ring takes its ``node``-labelled router series with it. With
+``PUSH_METRICS_PORT`` set, ``/metrics`` leaves the client port for its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 
-from conftest import UNLIMITED_ROUTER, async_wait_until, start_nodes, token
+from conftest import UNLIMITED_ROUTER, async_wait_until, free_port, start_nodes, token
 
 OUTAGE_SECONDS = 15.0
 PROBE_PERIOD = 0.25  # under the node's 20 client messages/s per connection
@@ -94,3 +96,26 @@ async def test_a_node_that_leaves_takes_its_router_series_with_it(redis_server, 
     finally:
         for node in nodes:
             node.stop()
+
+
+def http_status(url: str) -> int:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_metrics_port_moves_metrics_off_the_client_port(redis_server, start_node, start_router):
+    node_metrics, router_metrics = free_port(), free_port()
+    node = start_node(node_id=f"metrics-{uuid.uuid4().hex[:6]}", PUSH_METRICS_PORT=str(node_metrics))
+    router = start_router(PUSH_METRICS_PORT=str(router_metrics))
+    for process, port, family in ((node, node_metrics, "ws_connections_total"), (router, router_metrics, "router_nodes")):
+        assert http_status(process.http + "/metrics") == 404, "not on the client port"
+        assert http_status(process.http + "/readyz") == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            assert response.status == 200
+            assert f"# TYPE {family} gauge" in response.read().decode()
+        assert http_status(f"http://127.0.0.1:{port}/ws") == 404, "the metrics port serves nothing else"
