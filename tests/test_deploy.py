@@ -61,7 +61,7 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Labels Prometheus attaches to every scraped series (target labels), here and in Kubernetes.
 TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 RANGE_FUNCTIONS_FOR_COUNTERS = {"rate", "irate", "increase"}
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$namespace": ".*", "$pod": ".*"}
 # Series Prometheus itself produces for every target.
 SYNTHETIC_SERIES = {"up": ("gauge", ())}
 
@@ -464,7 +464,25 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard() -> None:
     ]
     assert dashboard_files == [(DEPLOY / "grafana" / "dashboard.json").resolve()]
     uids = {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p.get("targets", [])}
-    assert uids == {datasource["uid"]}
+    assert uids == {"${datasource}"}, "no hard-coded datasource uid: the dashboard imports into any Grafana"
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == datasource["type"], "the provisioned datasource is one of its choices"
+
+
+def test_dashboard_filters_by_namespace_and_pod_and_all_matches_series_without_them() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    for name in ("namespace", "pod"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["datasource"]["uid"] == "${datasource}"
+        assert variable["includeAll"] and variable["allValue"] == ".*", f"{name}: compose has no {name} label"
+        assert_promql(re.sub(r"label_values\((.*), \w+\)$", r"\1", variable["definition"]).replace("$namespace", ".*"), name)
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            selectors = re.findall(r"\w+\{[^}]*\}", target["expr"])
+            assert selectors, target["expr"]
+            for selector in selectors:
+                assert 'namespace=~"$namespace"' in selector and 'pod=~"$pod"' in selector, (panel["title"], selector)
 
 
 # --- alerts ----------------------------------------------------------------------------
