@@ -53,6 +53,10 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
 
 def up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.jwt_secret:  # before anything starts: a configuration error comes first
+        from cluster.auth import require_strong_secret
+
+        require_strong_secret(settings.jwt_secret, "pushctl up")
     if args.nodes < 1:
         print("pushctl up: --nodes must be at least 1", file=sys.stderr)
         return 2
@@ -61,11 +65,7 @@ def up(args: argparse.Namespace) -> int:
     if busy:
         print(f"pushctl up: port(s) {', '.join(map(str, busy))} already in use (try --port)", file=sys.stderr)
         return 1
-    if settings.jwt_secret:
-        from cluster.auth import require_strong_secret
-
-        require_strong_secret(settings.jwt_secret, "pushctl up")
-    else:
+    if not settings.jwt_secret:
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
         print("pushctl up: PUSH_JWT_SECRET was not set; generated one for this cluster:")
         print(f"  export PUSH_JWT_SECRET={settings.jwt_secret}")
