@@ -18,6 +18,10 @@ from cluster.protocol import ErrorCode
 from cluster.settings import Settings
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+MIN_SECRET_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
+PLACEHOLDER_MARKERS = ("replace-me", "replaceme", "change-me", "changeme", "placeholder", "your-secret")
+"""Words of the example secrets people copy from docs and manifests; no real random secret contains them."""
+SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
 ADMIN_ROLE = "admin"
 
@@ -141,6 +145,30 @@ def _identity(claims: dict) -> Identity:
         raise AuthError(ErrorCode.UNAUTHORIZED, "claims", "token sid must be a string")
     exp = claims["exp"]
     return Identity(sub, frozenset(roles), sid, int(exp * 1000))
+
+
+def weak_secret(secret: str) -> str | None:
+    """Why an HS256 secret must not guard a cluster (a placeholder, too short), or None if it may.
+
+    Anyone who knows the secret mints admin tokens, so a copied example or a
+    guessable short string is refused at start rather than left running.
+    """
+    if not secret:
+        return None  # no HS256 at all: public keys or anonymous only
+    normalized = secret.lower().replace("_", "-").replace(" ", "-")
+    if any(marker in normalized for marker in PLACEHOLDER_MARKERS):
+        return "PUSH_JWT_SECRET is a placeholder from an example"
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        return f"PUSH_JWT_SECRET is {size} bytes, HS256 needs at least {MIN_SECRET_BYTES}"
+    return None
+
+
+def require_strong_secret(secret: str, program: str) -> None:
+    """Exit with one line naming the setting (never the secret) if ``secret`` is weak."""
+    problem = weak_secret(secret)
+    if problem is not None:
+        raise SystemExit(f"{program}: refusing to start: {problem}; set a random one, e.g. {SECRET_HINT}")
 
 
 def issue_token(

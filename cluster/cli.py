@@ -115,9 +115,12 @@ async def _tail(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
+    from cluster.auth import require_strong_secret
     from node.app import run
 
-    run(settings_from_args(args))
+    settings = settings_from_args(args)
+    require_strong_secret(settings.jwt_secret, "pushctl node")
+    run(settings)
     return 0
 
 
@@ -125,9 +128,11 @@ def _router(args: argparse.Namespace) -> int:
     import dataclasses
     import os
 
+    from cluster.auth import require_strong_secret
     from router.app import run
 
     settings = settings_from_args(args)
+    require_strong_secret(settings.jwt_secret, "pushctl router")
     if args.port is None and "PUSH_PORT" not in os.environ:
         settings = dataclasses.replace(settings, port=ROUTER_PORT)
     run(settings)
@@ -142,6 +147,7 @@ def _up(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushctl", description="Run and use a delta-push cluster.")
+    parser.add_argument("--version", action="version", version=f"pushctl (delta-push) {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     node = commands.add_parser("node", help="run a push node")
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=_node)
 
     router = commands.add_parser("router", help=f"run a router (default port {ROUTER_PORT})")
-    add_setting_flags(router)
+    add_setting_flags(router, shown={"port": ROUTER_PORT})
     router.set_defaults(func=_router)
 
     up = commands.add_parser("up", help="run a local cluster: Redis, a router on 8080, nodes on 8081...")
@@ -186,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(token, ["jwt_secret", "jwt_audience", "jwt_issuer"])
     token.set_defaults(func=_token)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), so an image says what it carries."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("delta-push")
+    except PackageNotFoundError:  # run from a checkout without `pip install`
+        return "unknown (not installed)"
 
 
 def _run_async(coro: Any) -> int:

@@ -10,7 +10,8 @@ them in order (router and nodes drain, then the private Redis) and exits.
 Children also get SIGTERM if ``up`` itself dies (Linux ``PR_SET_PDEATHSIG``).
 
 If ``PUSH_JWT_SECRET`` is unset a random one is generated, handed to the
-children and printed with the command that makes a token.
+children and printed with the command that makes a token; a placeholder or a
+short one is refused, as ``pushctl node`` and ``pushctl router`` refuse it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from cluster.settings import Settings, add_setting_flags, settings_from_args
 
 ROUTER_PORT = 8080
-PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url"}
+PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url", "metrics_port"}
 """Settings ``up`` chooses for each process itself."""
 START_TIMEOUT_SECONDS = 20.0
 STOP_GRACE_SECONDS = 5.0
@@ -52,6 +53,10 @@ def add_up_flags(parser: argparse.ArgumentParser) -> None:
 
 def up(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.jwt_secret:  # before anything starts: a configuration error comes first
+        from cluster.auth import require_strong_secret
+
+        require_strong_secret(settings.jwt_secret, "pushctl up")
     if args.nodes < 1:
         print("pushctl up: --nodes must be at least 1", file=sys.stderr)
         return 2
@@ -241,6 +246,7 @@ def _child_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
     env["PUSH_JWT_SECRET"] = settings.jwt_secret
     env.pop("PUSH_PORT", None)
     env.pop("PUSH_NODE_ID", None)
+    env.pop("PUSH_METRICS_PORT", None)  # one port cannot serve every child
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 

@@ -81,3 +81,6 @@ ROUTER_PROXY_ERRORS = Counter(
     "router_proxy_errors_total", "Failures to open or relay a proxied connection, by reason.", ["reason"]
 )
 ROUTER_NODES = Gauge("router_nodes", "Live nodes in the router's ring.")
+ROUTER_REDIS_CONNECTED = Gauge(
+    "router_redis_connected", "1 while the router reads the membership from Redis, 0 while it routes on its cached ring."
+)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from cluster.metrics import render
 from cluster.settings import Settings
 
 
@@ -25,6 +26,33 @@ class Service(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def add_metrics_route(app: web.Application, settings: Settings) -> None:
+    """``/metrics`` on the main port, unless ``PUSH_METRICS_PORT`` gives it a listener of its own.
+
+    A separate port keeps the metrics off whatever exposes the client port (a
+    public load balancer in front of routers): internals such as node names,
+    connection counts and rejection rates are for the scraper only.
+    """
+    if not settings.metrics_port:
+        app.router.add_get("/metrics", metrics)
+
+
+async def _start_metrics_listener(settings: Settings) -> web.AppRunner | None:
+    if not settings.metrics_port:
+        return None
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.metrics_port, reuse_address=True).start()
+    return runner
 
 
 def run_with_app(app: web.Application, service: Service) -> None:
@@ -53,6 +81,7 @@ async def serve_app(
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
     await site.start()
+    metrics_runner = await _start_metrics_listener(settings)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,6 +91,8 @@ async def serve_app(
     await stop.wait()
     await drain()
     await runner.cleanup()
+    if metrics_runner is not None:  # last: the drain stays visible to the scraper
+        await metrics_runner.cleanup()
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> None:

@@ -45,6 +45,11 @@ class Settings:
         "", "PUSH_INTERNAL_URL", "HTTP URL routers use to reach this node; default: http://127.0.0.1:PORT."
     )
     listen_backlog: int = _setting(8192, "PUSH_LISTEN_BACKLOG", "TCP listen backlog; sized for reconnect storms.")
+    metrics_port: int = _setting(
+        0,
+        "PUSH_METRICS_PORT",
+        "Serve /metrics on this port only, apart from client traffic; 0 serves it on PUSH_PORT.",
+    )
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis event bus.")
     # --- authentication ------------------------------------------------------
     jwt_secret: str = _setting("", "PUSH_JWT_SECRET", "HS256 secret for client tokens.")
@@ -187,11 +192,19 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add one flag per setting (all of them, or ``names``) to a CLI parser."""
+def add_setting_flags(
+    parser: argparse.ArgumentParser, names: list[str] | None = None, shown: Mapping[str, Any] | None = None
+) -> None:
+    """Add one flag per setting (all of them, or ``names``) to a CLI parser.
+
+    ``shown`` replaces the default a flag's help states, for a command that
+    applies its own (the router listens on 8080, not the node's 8081).
+    """
+    shown = shown or {}
     for f in fields(Settings):
         if names is not None and f.name not in names:
             continue
+        default = shown.get(f.name, f.default)
         parse = f.metadata["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
         parser.add_argument(
             flag_name(f.name),
@@ -199,7 +212,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: list[str] | None =
             type=parse,
             default=None,
             metavar=f.metadata["env"],
-            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(f.default)})",
+            help=f"{f.metadata['help']} (env {f.metadata['env']}, default {_show(default)})",
         )
 
 

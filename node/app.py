@@ -21,8 +21,7 @@ from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
 from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
-from cluster.metrics import render
-from cluster.process import run_loop, run_with_app, serve_app
+from cluster.process import add_metrics_route, run_loop, run_with_app, serve_app
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import NODE_STATE, websocket_handler
@@ -145,11 +144,6 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
 def create_app(
     settings: Settings, broker: Broker | None = None, membership: Membership | None = None
 ) -> web.Application:
@@ -163,7 +157,7 @@ def create_app(
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_metrics_route(app, settings)
 
     run_with_app(app, state)
     return app

@@ -3,7 +3,7 @@
 Serves ``/ws`` (the WebSocket proxy of :mod:`router.proxy`), ``/v1/route``
 (``{"node","url"}`` for clients that connect straight to a node),
 ``/v1/cluster`` (admin token: nodes, connections, ring share, health),
-``/healthz``, ``/readyz`` (Redis reachable and at least one live node) and
+``/healthz``, ``/readyz`` (a usable ring: at least one node, Redis or not) and
 ``/metrics``. It keeps no state of its own beyond its live view of the
 membership (:mod:`cluster.membership`) and per-IP rate buckets, so any number
 of routers can stand behind an L4 load balancer. On SIGTERM it stops accepting
@@ -22,8 +22,8 @@ from cluster.auth import AuthError
 from cluster.handshake import authenticate, token_from_request
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
-from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES, render
-from cluster.process import run_loop, run_with_app, serve_app
+from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES
+from cluster.process import add_metrics_route, run_loop, run_with_app, serve_app
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
@@ -118,23 +118,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while the router holds a usable ring and is not draining; Redis is reported, not required."""
     state: RouterState = request.app[ROUTER_STATE]
-    redis_ok = await state.membership.ping()
-    nodes = len(state.membership.ring)
-    ready = redis_ok and nodes > 0 and not state.draining
+    ready = state.ready
     body = {
         "status": "ready" if ready else "not ready",
         "role": "router",
-        "redis": redis_ok,
-        "nodes": nodes,
+        "redis": state.membership.connected,
+        "nodes": len(state.membership.ring),
         "draining": state.draining,
     }
     return web.json_response(body, status=200 if ready else 503)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = render()
-    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def create_app(settings: Settings, membership: Membership | None = None) -> web.Application:
@@ -146,7 +140,7 @@ def create_app(settings: Settings, membership: Membership | None = None) -> web.
     app.router.add_get("/v1/cluster", cluster_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    add_metrics_route(app, settings)
     # the live event page (/) and the browser client (/web/)
     add_static_routes(app, Path(settings.web_root) if settings.web_root else WEB_ROOT)
 

@@ -113,6 +113,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         state.relays.discard(relay)
         ROUTER_PROXIED_CONNECTIONS.labels(node_id).dec()
+        if node_id not in state.membership.ring.node_ids:
+            state.forget_series(node_id)
         WS_CONNECTIONS.dec()
         log("proxy_disconnect", node=node_id, user=identity.user_id, reason=relay.reason, code=relay.code)
     return ws

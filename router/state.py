@@ -11,7 +11,7 @@ from aiohttp import web
 from cluster.auth import TokenVerifier
 from cluster.logs import log
 from cluster.membership import Membership, NodeInfo, RedisMembership
-from cluster.metrics import ROUTER_NODES
+from cluster.metrics import ROUTER_NODES, ROUTER_PROXIED_CONNECTIONS, ROUTER_REDIS_CONNECTED, ROUTER_ROUTES
 from cluster.ring import Ring
 from cluster.settings import Settings
 from router.admission import ConnectionRateLimiter
@@ -33,6 +33,7 @@ class RouterState:
         )
         self.membership.on_ring_change(self._ring_changed)
         ROUTER_NODES.set(len(self.membership.ring))
+        ROUTER_REDIS_CONNECTED.set_function(lambda: 1.0 if self.membership.connected else 0.0)
         self.verifier = TokenVerifier(settings)
         self.limiter = ConnectionRateLimiter(settings.router_ip_rate, settings.router_ip_burst)
         self.relays: set[Relay] = set()
@@ -47,6 +48,32 @@ class RouterState:
 
     def _ring_changed(self, old: Ring, new: Ring) -> None:
         ROUTER_NODES.set(len(new))
+        for node_id in old.node_ids - new.node_ids:
+            self.forget_series(node_id)
+
+    def forget_series(self, node_id: str) -> None:
+        """Drop a departed node's labelled series, so rollouts do not pile up series for the router's lifetime.
+
+        The proxied-connections gauge stays while relays to that node are still
+        open (a draining node closes them over its window); the last one to end
+        calls this again.
+        """
+        if node_id in self.membership.ring.node_ids:
+            return  # it came back
+        ROUTER_ROUTES.remove(node_id)
+        if not any(relay.node_id == node_id for relay in self.relays):
+            ROUTER_PROXIED_CONNECTIONS.remove(node_id)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the load balancer should send clients here: a usable ring and not draining.
+
+        Redis is not required: while it is away the router keeps routing on the
+        last ring it read (see :mod:`cluster.membership`), so a Redis blip must
+        not take every router out of the load balancer at once. Redis health is
+        the ``router_redis_connected`` metric and its alert instead.
+        """
+        return len(self.membership.ring) > 0 and not self.draining
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(

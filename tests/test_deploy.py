@@ -11,9 +11,10 @@ and paths are the code's; the Kubernetes manifests validate offline against
 the Kubernetes JSON schemas bundled by ``kubernetes-validate``; PromQL parses
 with ``promql-parser``; every alert's runbook anchor exists in
 docs/OPERATIONS.md. Where the tools are installed, ``kubectl kustomize``
-renders base and overlay and ``promtool`` checks the Prometheus config and runs
-each alert against scenarios (skipped otherwise: kubectl is in the machine
-image, promtool comes with Debian's ``prometheus`` package).
+renders base and overlay and ``promtool`` checks the Prometheus config, lints
+the exposed metrics (with the recorded exceptions) and runs each alert against
+scenarios (skipped otherwise: kubectl is in the machine image, promtool comes
+with Debian's ``prometheus`` package, which ``.ci/run`` installs).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # Labels Prometheus attaches to every scraped series (target labels), here and in Kubernetes.
 TARGET_LABELS = {"job", "instance", "namespace", "pod"}
 RANGE_FUNCTIONS_FOR_COUNTERS = {"rate", "irate", "increase"}
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$namespace": ".*", "$pod": ".*"}
 # Series Prometheus itself produces for every target.
 SYNTHETIC_SERIES = {"up": ("gauge", ())}
 
@@ -360,8 +361,9 @@ def compose() -> dict[str, Any]:
 
 
 def interpolate(value: Any) -> str:
-    """Compose's ${VAR:-default} / ${VAR-default} with nothing set in the environment."""
-    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", str(value))
+    """Compose's ${VAR:-default} / ${VAR-default} with nothing set; ${VAR:?error} (required) as a marker."""
+    value = re.sub(r"\$\{(\w+):?\?[^}]*\}", r"<required \1>", str(value))
+    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", value)
 
 
 def push_services() -> dict[str, dict[str, Any]]:
@@ -404,7 +406,11 @@ def test_compose_service_command_env_and_ports_match_the_code(service: str) -> N
     assert published == {settings.port}, f"{service}: publishes {published}, listens on {settings.port}"
     redis_host = re.match(r"redis://([^:/]+)", settings.redis_url).group(1)
     assert redis_host in compose()["services"], f"{service}: REDIS_URL points at {redis_host}"
-    assert settings.jwt_secret, f"{service}: nodes and routers need the same PUSH_JWT_SECRET"
+    assert settings.jwt_secret == "<required PUSH_JWT_SECRET>", (
+        f"{service}: PUSH_JWT_SECRET must be required from the shell or deploy/.env, with no default"
+    )
+    assert settings.metrics_port and settings.metrics_port != settings.port
+    assert settings.metrics_port not in published, f"{service}: /metrics must not be published on the host"
     grace = float(svc["stop_grace_period"].removesuffix("s"))
     assert grace >= settings.drain_seconds + 5, f"{service}: stop_grace_period must outlast the drain"
     if service.startswith("node-"):
@@ -429,7 +435,8 @@ def test_prometheus_scrapes_every_router_and_node_and_loads_the_alerts() -> None
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     expected: dict[str, set[str]] = {NODE_JOB: set(), ROUTER_JOB: set()}
     for name, svc in push_services().items():
-        port = Settings.from_env(service_env(svc)).port
+        settings = Settings.from_env(service_env(svc))
+        port = settings.metrics_port or settings.port
         expected[ROUTER_JOB if svc["command"][0] == "router" else NODE_JOB].add(f"{name}:{port}")
     for job_name, targets in expected.items():
         job = jobs[job_name]
@@ -457,7 +464,25 @@ def test_grafana_is_provisioned_with_the_datasource_and_the_dashboard() -> None:
     ]
     assert dashboard_files == [(DEPLOY / "grafana" / "dashboard.json").resolve()]
     uids = {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p.get("targets", [])}
-    assert uids == {datasource["uid"]}
+    assert uids == {"${datasource}"}, "no hard-coded datasource uid: the dashboard imports into any Grafana"
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == datasource["type"], "the provisioned datasource is one of its choices"
+
+
+def test_dashboard_filters_by_namespace_and_pod_and_all_matches_series_without_them() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    for name in ("namespace", "pod"):
+        variable = variables[name]
+        assert variable["type"] == "query" and variable["datasource"]["uid"] == "${datasource}"
+        assert variable["includeAll"] and variable["allValue"] == ".*", f"{name}: compose has no {name} label"
+        assert_promql(re.sub(r"label_values\((.*), \w+\)$", r"\1", variable["definition"]).replace("$namespace", ".*"), name)
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            selectors = re.findall(r"\w+\{[^}]*\}", target["expr"])
+            assert selectors, target["expr"]
+            for selector in selectors:
+                assert 'namespace=~"$namespace"' in selector and 'pod=~"$pod"' in selector, (panel["title"], selector)
 
 
 # --- alerts ----------------------------------------------------------------------------
@@ -498,8 +523,17 @@ def test_alerts_cover_the_spec_metrics() -> None:
         "events_dropped_total",
         "auth_failures_total",
         "redis_reconnects_total",
+        "bus_connected",  # a node off the bus (issue 16)
+        "router_redis_connected",
+        "process_open_fds",  # near the fd limit
+        "process_max_fds",
+        "router_proxy_errors_total",
+        "router_nodes",  # an empty ring
     }
     assert required <= everything, required - everything
+    assert any(re.search(r'absent\(up\{job="delta-push-node"\}\)', r["expr"]) for r in alert_rules()), (
+        "an alert for a scrape target that is gone altogether"
+    )
     latency = [r["expr"] for r in alert_rules() if "event_consume_latency_seconds_bucket" in r["expr"]]
     assert any("histogram_quantile(0.99," in re.sub(r"\s", "", e) for e in latency), "p99 of the consume latency"
     node_down = [r for r in alert_rules() if re.search(r'up\{job="delta-push-node"\}\s*==\s*0', r["expr"])]
@@ -514,8 +548,12 @@ def test_alert_is_complete_and_its_runbook_exists(rule: dict[str, Any]) -> None:
         promql_parser.parse_duration(rule["for"])
     annotations = rule["annotations"]
     assert annotations["summary"] and annotations["description"]
-    path, _, anchor = annotations["runbook"].partition("#")
-    assert path == "docs/OPERATIONS.md" and anchor, annotations["runbook"]
+    assert "runbook" not in annotations, "the conventional name is runbook_url"
+    url, _, anchor = annotations["runbook_url"].partition("#")
+    assert re.fullmatch(r"https://[^/\s]+/(?:[^\s#]+/)?docs/OPERATIONS\.md", url) and anchor, (
+        f"runbook_url must be an absolute URL of docs/OPERATIONS.md: {annotations['runbook_url']}"
+    )
+    assert {r["annotations"]["runbook_url"].partition("#")[0] for r in alert_rules()} == {url}, "one docs base"
     assert OPERATIONS.is_file(), "docs/OPERATIONS.md holds the runbooks"
     assert anchor in github_anchors(OPERATIONS.read_text()), f"docs/OPERATIONS.md has no #{anchor}"
 
@@ -614,6 +652,66 @@ tests:
       - eval_time: 6m
         alertname: PushRedisFlapping
         exp_alerts: [{exp_labels: {severity: critical, instance: "node-2:8082"}}]
+  - name: a node off the bus for a minute, another only for a blip
+    interval: 15s
+    input_series:
+      - {series: 'bus_connected{job="delta-push-node", instance="node-1:8081"}', values: '1 1 0 0 0 0 0 0 0 0'}
+      - {series: 'bus_connected{job="delta-push-node", instance="node-2:8082"}', values: '1 0 0 1 1 1 1 1 1 1'}
+    alert_rule_test:
+      - {eval_time: 45s, alertname: PushBusDisconnected, exp_alerts: []}
+      - eval_time: 2m
+        alertname: PushBusDisconnected
+        exp_alerts: [{exp_labels: {severity: critical, job: delta-push-node, instance: "node-1:8081"}}]
+  - name: a router routing on its cached ring for a minute
+    interval: 15s
+    input_series:
+      - {series: 'router_redis_connected{job="delta-push-router", instance="router:8080"}', values: '1 0x10'}
+    alert_rule_test:
+      - {eval_time: 1m, alertname: PushRouterRedisDisconnected, exp_alerts: []}
+      - eval_time: 2m
+        alertname: PushRouterRedisDisconnected
+        exp_alerts: [{exp_labels: {severity: warning, job: delta-push-router, instance: "router:8080"}}]
+  - name: the nodes vanish from service discovery
+    interval: 1m
+    input_series:
+      - {series: 'up{job="delta-push-router", instance="router:8080"}', values: '1x20'}
+      - {series: 'up{job="delta-push-node", instance="node-1:8081"}', values: '1 1'}
+    alert_rule_test:
+      - {eval_time: 5m, alertname: PushScrapeTargetAbsent, exp_alerts: []}
+      - eval_time: 15m
+        alertname: PushScrapeTargetAbsent
+        exp_alerts: [{exp_labels: {severity: critical, job: delta-push-node}}]
+  - name: descriptors over 80% of the limit on one node
+    interval: 1m
+    input_series:
+      - {series: 'process_open_fds{job="delta-push-node", instance="node-1:8081"}', values: '50000 60000 70000x10'}
+      - {series: 'process_max_fds{job="delta-push-node", instance="node-1:8081"}', values: '80000x12'}
+      - {series: 'process_open_fds{job="delta-push-node", instance="node-2:8082"}', values: '40000x12'}
+      - {series: 'process_max_fds{job="delta-push-node", instance="node-2:8082"}', values: '80000x12'}
+    alert_rule_test:
+      - {eval_time: 3m, alertname: PushFileDescriptorsHigh, exp_alerts: []}
+      - eval_time: 10m
+        alertname: PushFileDescriptorsHigh
+        exp_alerts: [{exp_labels: {severity: warning, job: delta-push-node, instance: "node-1:8081"}}]
+  - name: a router failing to reach nodes
+    interval: 1m
+    input_series:
+      - {series: 'router_proxy_errors_total{job="delta-push-router", instance="router:8080", reason="connect"}', values: '0+300x15'}
+      - {series: 'router_proxy_errors_total{job="delta-push-router", instance="router:8080", reason="upstream_lost"}', values: '0+6x15'}
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: PushRouterProxyErrors
+        exp_alerts: [{exp_labels: {severity: warning, instance: "router:8080", reason: connect}}]
+  - name: a router with no node in its ring
+    interval: 15s
+    input_series:
+      - {series: 'router_nodes{job="delta-push-router", instance="router:8080"}', values: '3 3 0 0 0 0 0 0 0'}
+      - {series: 'router_nodes{job="delta-push-router", instance="router-2:8080"}', values: '3x8'}
+    alert_rule_test:
+      - {eval_time: 45s, alertname: PushRingEmpty, exp_alerts: []}
+      - eval_time: 2m
+        alertname: PushRingEmpty
+        exp_alerts: [{exp_labels: {severity: critical, job: delta-push-router, instance: "router:8080"}}]
 """
 
 needs_promtool = pytest.mark.skipif(
@@ -624,6 +722,26 @@ needs_promtool = pytest.mark.skipif(
 def promtool(*args: str) -> None:
     result = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PROMTOOL_LINT_EXCEPTIONS = {
+    "ws_connections_total": 'non-counter metrics should not have "_total" suffix',
+}
+"""`promtool check metrics` findings we keep on purpose: ws_connections_total is a gauge with a
+counter's suffix, but it is the name of the design document and SPEC §9, and the dashboard,
+the alerts and the autoscaler's adapter rule select it; renaming it would break them all."""
+
+
+@needs_promtool
+def test_promtool_lints_the_exposed_metrics_clean_but_for_the_recorded_exceptions() -> None:
+    from prometheus_client import generate_latest
+
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=generate_latest(REGISTRY), capture_output=True, timeout=60, check=False
+    )
+    findings = {line.strip() for line in (result.stdout + result.stderr).decode().splitlines() if line.strip()}
+    expected = {f"{name} {problem}" for name, problem in PROMTOOL_LINT_EXCEPTIONS.items()}
+    assert findings == expected, f"promtool check metrics: {sorted(findings - expected)} (recorded: {expected})"
 
 
 @needs_promtool
@@ -696,7 +814,32 @@ def base_resources() -> tuple[dict[str, Any], ...]:
     listed = {BASE / entry for entry in kustomization(BASE)["resources"]}
     unlisted = set(BASE.glob("*.yaml")) - listed - {BASE / "kustomization.yaml"}
     assert not unlisted, f"files in base/ that kustomization.yaml does not list: {unlisted}"
+    apply_config_map_generators(BASE, docs)
     return tuple(docs)
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A kustomize ``envs`` file: KEY=value lines, # comments."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def apply_config_map_generators(directory: Path, docs: list[dict[str, Any]]) -> None:
+    """configMapGenerator as kustomize applies it: create, or merge into the parent's (behavior: merge)."""
+    for generator in kustomization(directory).get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for name in generator.get("envs", []):
+            data |= env_file(directory / name)
+        data |= dict(literal.split("=", 1) for literal in generator.get("literals", []))
+        if generator.get("behavior") == "merge":
+            (existing,) = find(docs, "ConfigMap", generator["name"])
+            existing["data"] |= data
+            continue
+        assert not find(docs, "ConfigMap", generator["name"]), f"{generator['name']} generated twice"
+        labels = generator.get("options", {}).get("labels", {})
+        docs.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"], "labels": labels}, "data": data}
+        )
 
 
 def find(docs: Any, kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -738,6 +881,7 @@ def overlay_resources() -> tuple[dict[str, Any], ...]:
         else:
             assert path.is_file(), entry
             docs += yaml_docs(path)
+    apply_config_map_generators(OVERLAY, docs)
     for generator in spec.get("secretGenerator", []):
         data = dict(literal.split("=", 1) for literal in generator["literals"])
         docs.append(
@@ -808,7 +952,7 @@ def test_kustomize_renders_what_the_python_loader_sees(directory: Path) -> None:
 
     def key(doc: dict[str, Any]) -> tuple[str, str]:
         name = doc["metadata"]["name"]
-        if doc["kind"] == "Secret":
+        if doc["kind"] in ("Secret", "ConfigMap"):
             name = re.sub(r"-[a-z0-9]{10}$", "", name)  # the generator's content hash
         return doc["kind"], name
 
@@ -850,9 +994,10 @@ def test_every_manifest_env_var_is_a_setting_with_a_valid_value(docs_name: str) 
         for name, source in sourced.items():
             if "secretKeyRef" in source:
                 assert source["secretKeyRef"]["key"] == name, f"{where}: secret key and env var differ"
-                if docs_name == "overlay":
-                    (secret,) = find(docs, "Secret", source["secretKeyRef"]["name"])
-                    assert name in secret["stringData"]
+                assert not source["secretKeyRef"].get("optional", False), f"{where}: a missing Secret must stop the pod"
+                assert not find(docs, "Secret", source["secretKeyRef"]["name"]), (
+                    f"{where}: the manifests must not ship the Secret (a working default secret)"
+                )
         resolved = {k: re.sub(r"\$\((\w+)\)", "10.0.0.1", v) for k, v in env.items()}
         resolved |= {name: "from-the-cluster" for name in sourced if name not in helpers}
         settings = check_settings_env(resolved, where)
@@ -881,14 +1026,15 @@ def test_deployment_commands_ports_probes_and_drain_match_the_code() -> None:
         expected_port = Settings().port if role(doc) == "node" else ROUTER_PORT
         assert settings.port == expected_port, f"{where}: listens on {settings.port}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"http": settings.port}
+        assert settings.metrics_port and settings.metrics_port != settings.port, f"{where}: /metrics on its own port"
+        assert ports == {"http": settings.port, "metrics": settings.metrics_port}
         paths = node_paths() if role(doc) == "node" else router_paths()
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path and path in paths, f"{where}: {probe}"
             assert ports.get(get["port"], get["port"]) == settings.port
         annotations = doc["spec"]["template"]["metadata"]["annotations"]
-        assert int(annotations["prometheus.io/port"]) == settings.port
+        assert int(annotations["prometheus.io/port"]) == settings.metrics_port
         assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in paths
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"

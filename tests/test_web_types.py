@@ -191,3 +191,14 @@ def test_declarations_cover_the_module_exports():
 def test_web_files_exist():
     for name in ("delta-push.js", "delta-push.d.ts", "events.ts", "index.html", "app.js", "style.css"):
         assert Path(WEB / name).is_file(), name
+
+
+def test_type_imports_name_their_file_extension_for_nodenext_resolution():
+    """TS2835: under `moduleResolution: nodenext` a relative import needs its extension;
+    `.js` is how TypeScript spells a sibling `.ts` file."""
+    for name in ("delta-push.d.ts", "events.ts"):
+        text = (WEB / name).read_text()
+        for spec in re.findall(r"""\bfrom\s+["'](\.[^"']*)["']""", text):
+            assert re.search(r"\.(?:js|mjs|ts|d\.ts)$", spec), f"{name}: import {spec!r} has no file extension"
+            target = WEB / spec
+            assert target.exists() or target.with_suffix(".ts").exists(), f"{name}: {spec} resolves to no file"

@@ -1,6 +1,8 @@
 /**
  * Types of web/delta-push.js, the dependency-free browser client (docs/BROWSER.md).
- * Message and envelope types come from ./events.ts.
+ * Message and envelope types come from ./events.ts, imported as "./events.js": the
+ * spelling `moduleResolution: node16/nodenext` requires (TS2835 without an
+ * extension) and every resolver maps to events.ts; the imports are type-only.
  */
 
 import type {
@@ -13,9 +15,9 @@ import type {
   LaggedMessage,
   Priority,
   WelcomeMessage,
-} from "./events";
+} from "./events.js";
 
-export type { EventMessage, EventType, Priority } from "./events";
+export type { EventMessage, EventType, Priority } from "./events.js";
 
 /** idle → connecting → connected → (reconnecting →) disconnected → connecting … ; closed when told or refused for good. */
 export type ConnectionState = "idle" | "connecting" | "connected" | "reconnecting" | "disconnected" | "closed";
