@@ -262,25 +262,14 @@ class Session:
             hub.subscribe(conn, subscription)
             subscribed.append(text)
         if subscribed:
-            recovered = None
             replays: dict = {}
-            if added:
-                # The ack promises every event published after it: Redis must have
-                # confirmed the bus subscriptions this subscribe created first.
-                await self.state.broker.settled(hub.bus_names(conn), BUS_SETTLE_SECONDS)
-            if message.since is not None:
-                replays = await self.state.recovery.fetch(message.since, [s.pattern for _, s in added])
-                new_ones = {text: s.pattern for text, s in added}
-                recovered = {
-                    text: (replays[new_ones[text]].recovered if new_ones[text] in replays else False)
-                    if text in new_ones
-                    else True  # already live on this connection: nothing was missed
-                    for text in subscribed
-                }
-            position = await self.state.recovery.position()
-            conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered, cursor=position))
-            if added:
-                self.state.recovery.resume(conn, [s for _, s in added], replays)
+            try:
+                replays = await self._acknowledge(message, subscribed, added)
+            finally:
+                # Whatever happened, held subscriptions go live: a subscription left holding
+                # would silently never deliver again.
+                if added:
+                    self.state.recovery.resume(conn, [s for _, s in added], replays)
             log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)
         if invalid:
             self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)
@@ -293,6 +282,30 @@ class Session:
                 message.id,
                 over_limit,
             )
+
+    async def _acknowledge(
+        self, message: protocol.Subscribe, subscribed: list[str], added: list[tuple[str, Subscription]]
+    ) -> dict:
+        """Send the ack once the new subscriptions' events are on their way; returns history to replay."""
+        hub, conn = self.state.hub, self.conn
+        recovered = None
+        replays: dict = {}
+        if added:
+            # The ack promises every event published after it: Redis must have
+            # confirmed the bus subscriptions this subscribe created first.
+            await self.state.broker.settled(hub.bus_names(conn), BUS_SETTLE_SECONDS)
+        if message.since is not None:
+            replays = await self.state.recovery.fetch(message.since, [s.pattern for _, s in added])
+            new_ones = {text: s.pattern for text, s in added}
+            recovered = {
+                text: (replays[new_ones[text]].recovered if new_ones[text] in replays else False)
+                if text in new_ones
+                else True  # already live on this connection: nothing was missed
+                for text in subscribed
+            }
+        position = await self.state.recovery.position()
+        conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered, cursor=position))
+        return replays
 
     def unsubscribe(self, message: protocol.Unsubscribe) -> None:
         removed: list[str] = []
