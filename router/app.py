@@ -93,6 +93,7 @@ async def cluster_view(request: web.Request) -> web.Response:
                 "heartbeatAgeMs": max(0, membership.now_ms - node.updated_at),
                 "startedAt": node.started_at,
                 "proxied": proxied.get(node.id, 0),
+                "verifier": node.verifier,
             }
             for node, is_ready in zip(nodes, ready, strict=True)
         ],
