@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 from conftest import (
@@ -231,6 +232,34 @@ def test_pushctl_up_uses_a_reachable_redis_url(private_redis):
     finally:
         up.kill()
     assert private_redis.client().ping()  # not ours to stop
+
+
+def test_two_pushctl_ups_on_one_redis_stay_separate(private_redis):
+    """The second `up` finds a live cluster on REDIS_URL and runs on a private redis-server instead."""
+    env = up_env(REDIS_URL=private_redis.url, PUSH_JWT_SECRET="up-secret-0123456789abcdef0123456789")
+    first = Up(1, env)
+    second: Up | None = None
+    try:
+        wait_until(first.ready, 20, message="the first pushctl up")
+        second = Up(1, env)
+        wait_until(second.ready, 20, message="the second pushctl up")
+        assert "already serves a live cluster (node-1" in second.output()
+        assert "starting a private redis-server" in second.output()
+        admin = token("ops", roles=["admin"], secret="up-secret-0123456789abcdef0123456789")
+        for up in (first, second):
+            request = urllib.request.Request(f"http://127.0.0.1:{up.port}/v1/cluster")
+            request.add_header("Authorization", f"Bearer {admin}")
+            with urllib.request.urlopen(request, timeout=5) as response:
+                [node] = orjson.loads(response.read())["nodes"]
+            assert (node["id"], node["url"]) == ("node-1", f"ws://127.0.0.1:{up.port + 1}/ws"), "each its own node-1"
+        info = orjson.loads(private_redis.client().hget("push:node:node-1", "info"))
+        assert info["url"] == f"ws://127.0.0.1:{first.port + 1}/ws", "the first cluster's node-1 was not taken over"
+        assert second.interrupt() == 0
+        assert first.interrupt() == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
 
 
 async def test_pushctl_up_without_redis_runs_one_in_process_node_behind_the_router(connect):
