@@ -11,7 +11,8 @@ Before its first join the node reads the live list and refuses to join (the
 process exits 1 with one line) when its id is already heartbeating there — two
 processes with one id would overwrite each other's record — or when the live
 nodes accept other tokens than it does (``PUSH_JWT_MATCH_CLUSTER``). A record
-of its id that stops changing is a crashed predecessor's, and is taken over.
+of its id at its own address, or one that stops changing, is a crashed
+predecessor's, and is taken over.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ class NodePresence:
         node_id = self.state.node_id
         await self.membership.refresh()
         holder = self.membership.nodes.get(node_id)
-        if holder is not None:
+        # A holder at our own address is our crashed predecessor: we hold its port now.
+        if holder is not None and holder.internal_url != self.state.settings.effective_internal_url:
             seconds = HELD_ID_HEARTBEATS * self.membership.heartbeat_seconds
             log("node_id_held", logging.WARNING, node=node_id, url=holder.url, seconds=seconds)
             await asyncio.sleep(seconds)

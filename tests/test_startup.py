@@ -34,6 +34,8 @@ REFUSAL_SECONDS = 10.0
 """A refused node exits well within this (an id check watches 3 heartbeats of 1 s)."""
 FAST_HEARTBEAT = {"PUSH_HEARTBEAT_SECONDS": "0.3"}
 """The id check watches a held id for 3 heartbeats: a short period keeps those tests short."""
+CHECKED = {"PUSH_JWT_MATCH_CLUSTER": "true"}
+"""The JWT match check, which the test nodes of other modules leave off (see conftest.node_env)."""
 OTHER_SECRET = "another-secret-for-delta-push-0123456789abcdef"
 
 
@@ -136,14 +138,18 @@ def test_a_node_takes_over_the_id_of_a_crashed_node(private_redis, start_node):
     crashed = start_node("phoenix", redis=private_redis, **FAST_HEARTBEAT)
     crashed.stop(signal.SIGKILL)  # its lease is still running
     assert live_ids(private_redis) == {"phoenix"}
-    again = start_node("phoenix", redis=private_redis, **FAST_HEARTBEAT)
+    crashed.start()  # same port: the record at our own address is the dead predecessor's, no wait
+    assert not [line for line in crashed.log_lines() if line.get("event") == "node_id_held"]
+    crashed.stop(signal.SIGKILL)
+    again = start_node("phoenix", redis=private_redis, **FAST_HEARTBEAT)  # elsewhere: after 3 silent heartbeats
+    assert [line for line in again.log_lines() if line.get("event") == "node_id_held"]
     info = orjson.loads(private_redis.client().hget(NODE_KEY_PREFIX + "phoenix", "info"))
     assert info["url"] == again.url
 
 
 def test_a_node_without_a_secret_refuses_to_join_a_cluster_that_has_one(private_redis, start_node):
-    start_node("keyed", redis=private_redis)
-    code, output, seconds = run_node(free_port(), "keyless", private_redis.url, PUSH_JWT_SECRET="")
+    start_node("keyed", redis=private_redis, **CHECKED)
+    code, output, seconds = run_node(free_port(), "keyless", private_redis.url, PUSH_JWT_SECRET="", **CHECKED)
     assert code == 1
     assert seconds < REFUSAL_SECONDS
     line = error_line(output)
@@ -152,8 +158,8 @@ def test_a_node_without_a_secret_refuses_to_join_a_cluster_that_has_one(private_
 
 
 def test_a_node_with_another_secret_refuses_to_join_and_the_secret_never_reaches_redis(private_redis, start_node):
-    start_node("keyed", redis=private_redis)
-    code, output, _ = run_node(free_port(), "other-key", private_redis.url, PUSH_JWT_SECRET=OTHER_SECRET)
+    start_node("keyed", redis=private_redis, **CHECKED)
+    code, output, _ = run_node(free_port(), "other-key", private_redis.url, PUSH_JWT_SECRET=OTHER_SECRET, **CHECKED)
     assert code == 1
     assert "PUSH_JWT_SECRET" in error_line(output)
     assert live_ids(private_redis) == {"keyed"}
@@ -163,14 +169,14 @@ def test_a_node_with_another_secret_refuses_to_join_and_the_secret_never_reaches
 
 
 def test_a_rolling_key_change_can_switch_the_check_off(private_redis, start_node):
-    start_node("old-key", redis=private_redis)
+    start_node("old-key", redis=private_redis, **CHECKED)
     start_node("new-key", redis=private_redis, PUSH_JWT_SECRET=OTHER_SECRET, PUSH_JWT_MATCH_CLUSTER="false")
     assert live_ids(private_redis) == {"old-key", "new-key"}
 
 
 def test_an_anonymous_only_cluster_is_possible_and_says_so(private_redis, start_node):
-    first = start_node("anon-1", redis=private_redis, PUSH_JWT_SECRET="")
-    start_node("anon-2", redis=private_redis, PUSH_JWT_SECRET="")
+    first = start_node("anon-1", redis=private_redis, PUSH_JWT_SECRET="", **CHECKED)
+    start_node("anon-2", redis=private_redis, PUSH_JWT_SECRET="", **CHECKED)
     assert live_ids(private_redis) == {"anon-1", "anon-2"}
     warnings = [line for line in first.log_lines() if line.get("event") == "node_without_keys"]
     assert warnings and "every token is refused" in warnings[0]["reason"]
