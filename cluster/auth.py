@@ -8,9 +8,11 @@ Failures carry a short metric reason; the token itself is never logged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import jwt
 
@@ -24,6 +26,10 @@ PLACEHOLDER_MARKERS = ("replace-me", "replaceme", "change-me", "changeme", "plac
 SECRET_HINT = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
 ADMIN_ROLE = "admin"
+NO_KEYS = "none"
+"""The fingerprint of a verifier without any key: it accepts anonymous clients only."""
+FINGERPRINT_ITERATIONS = 100_000
+FINGERPRINT_SALT = b"delta-push verifier fingerprint"
 
 
 class AuthError(Exception):
@@ -96,6 +102,27 @@ class TokenVerifier:
     @property
     def configured(self) -> bool:
         return bool(self._hmac_algorithms or self._public_algorithms)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Which tokens this verifier accepts, as 16 hex digits that are safe to publish.
+
+        Nodes put it in the membership and compare it before joining: a node with
+        other keys would refuse every user routed to it. It covers the algorithms,
+        the keys, audience and issuer; the HMAC secret only through PBKDF2, so the
+        digest is slow to guess the secret from and never reveals it.
+        """
+        if not self.configured:
+            return NO_KEYS
+        algorithms = ",".join(sorted({*self._hmac_algorithms, *self._public_algorithms}))
+        digest = hashlib.sha256("\0".join((algorithms, self._audience or "", self._issuer or "")).encode())
+        if self._hmac_algorithms:
+            digest.update(
+                hashlib.pbkdf2_hmac("sha256", self._secret.encode(), FINGERPRINT_SALT, FINGERPRINT_ITERATIONS)
+            )
+        if self._public_algorithms:
+            digest.update("".join(self._public_key.split()).encode())
+        return digest.hexdigest()[:16]
 
     def verify(self, token: str) -> Identity:
         """Return the token's identity or raise :class:`AuthError`."""

@@ -9,13 +9,15 @@ from typing import Any, Sequence
 
 import orjson
 
-from cluster.local_cluster import ROUTER_PORT, add_up_flags
+from cluster.local_cluster import ROUTER_PORT, add_up_flags, safe_url
 from cluster.settings import add_setting_flags, settings_from_args
 
 NODE_FLAGS = None  # every setting is a flag of `pushctl node`
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from cluster.envelope import EnvelopeError
     from cluster.events import DEFAULT_SOURCE_BY_DOMAIN, SyncEventPublisher
 
@@ -25,7 +27,14 @@ def _publish(args: argparse.Namespace) -> int:
     except orjson.JSONDecodeError as exc:
         print(f"pushctl publish: --payload is not valid JSON: {exc}", file=sys.stderr)
         return 2
-    source = args.source or DEFAULT_SOURCE_BY_DOMAIN.get(args.type.partition(".")[0], "")
+    domain = args.type.partition(".")[0]
+    if args.user is None and domain not in settings.public_domains:
+        print(
+            f"pushctl publish: warning: no --user, so this {args.type} goes to EVERY user subscribed to it "
+            f"(add --user U for one user's private event)",
+            file=sys.stderr,
+        )
+    source = args.source or DEFAULT_SOURCE_BY_DOMAIN.get(domain, "")
     try:
         publisher = SyncEventPublisher(settings.redis_url, source or "unknown", allow_unknown=args.allow_unknown)
         envelope = publisher.publish(
@@ -41,8 +50,8 @@ def _publish(args: argparse.Namespace) -> int:
     except (EnvelopeError, ValueError) as exc:
         print(f"pushctl publish: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"pushctl publish: cannot reach Redis: {exc}", file=sys.stderr)
+    except (OSError, RedisError) as exc:
+        print(f"pushctl publish: cannot reach Redis at {safe_url(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
     print(orjson.dumps(envelope).decode())
     return 0
@@ -73,6 +82,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
+    from cluster.channels import ChannelError
     from cluster.client import PushClient
 
     done = asyncio.Event()
@@ -99,7 +109,11 @@ async def _tail(args: argparse.Namespace) -> int:
         on_state=lambda state: show_notice({"state": state}),
         fail_fast=True,
     )
-    client.subscribe(args.patterns, show)
+    try:
+        client.subscribe(args.patterns, show)
+    except ChannelError as exc:
+        print(f"pushctl tail: {exc}", file=sys.stderr)
+        return 2
     async with client:
         closed = asyncio.ensure_future(client.wait_closed())
         finished = asyncio.ensure_future(done.wait())

@@ -1,9 +1,12 @@
 """``pushctl up``: a whole local cluster in one command (SPEC §10).
 
 Picks its event bus in this order and says which: the Redis at ``REDIS_URL``
-if it answers; else a private ``redis-server`` started on a free port (if the
-binary is installed); else one in-process node and router sharing an
-in-memory bus and membership. The router listens on ``--port`` (8080) and
+if it answers and no cluster is live on it; else a private ``redis-server``
+started on a free port (if the binary is installed); else one in-process node
+and router sharing an in-memory bus and membership. A second ``up`` on the same
+machine therefore gets a Redis of its own instead of taking over the first
+one's node ids (Redis pub/sub channels are not per database, so a db number
+alone would not keep two buses apart). The router listens on ``--port`` (8080) and
 nodes on the ports after it (8081…), each a ``python -m cluster.cli``
 subprocess in its own session, so Ctrl-C reaches only ``up``, which then stops
 them in order (router and nodes drain, then the private Redis) and exits.
@@ -67,24 +70,31 @@ def up(args: argparse.Namespace) -> int:
         return 1
     if not settings.jwt_secret:
         settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
-        print("pushctl up: PUSH_JWT_SECRET was not set; generated one for this cluster:")
-        print(f"  export PUSH_JWT_SECRET={settings.jwt_secret}")
-        print("  token: pushctl token --sub alice   (add --admin for /v1/cluster)")
+        print("pushctl up: PUSH_JWT_SECRET was not set; generated one for this cluster. In the shell where you")
+        print("  make tokens (.venv/bin/pushctl token --sub alice; add --admin for /v1/cluster), first run:")
+        print(f"  export PUSH_JWT_SECRET={settings.jwt_secret}", flush=True)
 
+    why = f"no Redis at {safe_url(settings.redis_url)}"
     if _redis_answers(settings.redis_url):
-        print(f"pushctl up: using the Redis at {_safe(settings.redis_url)} (REDIS_URL)")
-        return LocalCluster(settings, ports, args, redis=None).run()
+        live = _live_nodes(settings.redis_url)
+        if not live:
+            print(f"pushctl up: using the Redis at {safe_url(settings.redis_url)} (REDIS_URL)", flush=True)
+            return LocalCluster(settings, ports, args, redis=None).run()
+        why = (
+            f"the Redis at {safe_url(settings.redis_url)} already serves a live cluster ({', '.join(live[:4])}"
+            f"{' …' if len(live) > 4 else ''}: another `pushctl up`?), which this one must not join"
+        )
     binary = shutil.which("redis-server")
     if binary is not None:
         redis = PrivateRedis(binary)
-        print(f"pushctl up: no Redis at {_safe(settings.redis_url)}; starting a private redis-server on {redis.url}")
+        print(f"pushctl up: {why}; starting a private redis-server on {redis.url}", flush=True)
         if not redis.start():
             print("pushctl up: the private redis-server did not start", file=sys.stderr)
             redis.stop()
             return 1
         return LocalCluster(replace(settings, redis_url=redis.url), ports, args, redis=redis).run()
     print(
-        f"pushctl up: no Redis at {_safe(settings.redis_url)} and no redis-server installed: running ONE in-process "
+        f"pushctl up: {why} and no redis-server is installed: running ONE in-process "
         "node with an in-memory bus (events can only come from inside this process; --nodes is ignored)"
     )
     return run_in_process(settings, ports[0], ports[1])
@@ -148,15 +158,19 @@ class LocalCluster:
         try:
             host = "127.0.0.1"
             router_port, node_ports = self.ports[0], self.ports[1:]
-            for i, port in enumerate(node_ports, start=1):
-                self._spawn(f"node-{i}", ["node", "--port", str(port), "--node-id", f"node-{i}"])
+            names = [f"node-{i}" for i in range(1, len(node_ports) + 1)]
+            print(f"pushctl up: starting {', '.join(names)} on ports {node_ports[0]}..{node_ports[-1]}", flush=True)
+            for name, port in zip(names, node_ports, strict=True):
+                self._spawn(name, ["node", "--port", str(port), "--node-id", name])
+            print(f"pushctl up: starting the router on port {router_port}", flush=True)
             self._spawn("router", ["router", "--port", str(router_port)])
-            checks = {f"node-{i}": port for i, port in enumerate(node_ports, start=1)} | {"router": router_port}
+            checks = dict(zip(names, node_ports, strict=True)) | {"router": router_port}
             if not self._wait_ready(host, checks):
                 return 0 if self.stopping.is_set() else 1
             print(f"router  ws://{host}:{router_port}/ws   http://{host}:{router_port}/readyz  /v1/route  /v1/cluster")
-            for i, port in enumerate(node_ports, start=1):
-                print(f"node-{i}  ws://{host}:{port}/ws")
+            for name, port in zip(names, node_ports, strict=True):
+                print(f"{name}  ws://{host}:{port}/ws")
+            print(f"live page  http://{host}:{router_port}/   (add ?token=... to see a user's private events)")
             print("pushctl up: ready. Ctrl-C stops everything.", flush=True)
             self._watch()
             return 0
@@ -164,7 +178,8 @@ class LocalCluster:
             self._stop_all()
 
     def _wait_ready(self, host: str, checks: dict[str, int]) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        began = time.monotonic()
+        deadline = began + START_TIMEOUT_SECONDS
         waiting = dict(checks)
         while waiting:
             if self.stopping.is_set():
@@ -176,6 +191,7 @@ class LocalCluster:
                     return False
                 if _http_ok(f"http://{host}:{port}/readyz"):
                     del waiting[name]
+                    print(f"pushctl up: {name} ready ({time.monotonic() - began:.1f} s)", flush=True)
             if time.monotonic() > deadline:
                 print(f"pushctl up: not ready in time: {', '.join(waiting)}", file=sys.stderr)
                 return False
@@ -214,13 +230,14 @@ def run_in_process(settings: Settings, router_port: int, node_port: int) -> int:
     from cluster.broker import MemoryBroker
     from cluster.logs import configure
     from cluster.membership import MemoryMembership
-    from cluster.process import run_loop
+    from cluster.process import StartupError, run_loop
     from node.app import serve as serve_node
     from router.app import serve as serve_router
 
     configure(settings.log_level)
     print(f"router  ws://127.0.0.1:{router_port}/ws   http://127.0.0.1:{router_port}/readyz")
     print(f"node-1  ws://127.0.0.1:{node_port}/ws")
+    print(f"live page  http://127.0.0.1:{router_port}/")
     print("pushctl up: Ctrl-C stops everything.", flush=True)
 
     async def main() -> None:
@@ -231,7 +248,11 @@ def run_in_process(settings: Settings, router_port: int, node_port: int) -> int:
             serve_router(replace(settings, port=router_port), stop, membership),
         )
 
-    run_loop(main())
+    try:
+        run_loop(main())
+    except StartupError as exc:
+        print(f"pushctl up: {exc}", file=sys.stderr, flush=True)
+        return 1
     print("pushctl up: stopped", flush=True)
     return 0
 
@@ -291,6 +312,27 @@ def _redis_answers(url: str) -> bool:
         client.close()
 
 
+def _live_nodes(url: str) -> list[str]:
+    """Ids of the nodes whose membership lease is still running on the Redis at ``url``."""
+    import redis
+
+    from cluster.membership import NODES_KEY
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        seconds, micros = client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        return sorted(_text(node_id) for node_id in client.zrangebyscore(NODES_KEY, now_ms, "+inf"))
+    except (redis.exceptions.RedisError, OSError):
+        return []
+    finally:
+        client.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -315,7 +357,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """A Redis URL without its password, for printing."""
     if "@" not in url:
         return url

@@ -100,6 +100,7 @@ class NodeInfo:
     connections: int = 0
     started_at: int = 0  # ms, node clock
     updated_at: int = 0  # ms, Redis clock: last heartbeat
+    verifier: str = ""  # TokenVerifier.fingerprint: which tokens it accepts ("" from nodes that predate it)
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -109,6 +110,7 @@ class NodeInfo:
                 "internalUrl": self.internal_url,
                 "connections": self.connections,
                 "startedAt": self.started_at,
+                "verifier": self.verifier,
             }
         )
 
@@ -122,6 +124,7 @@ class NodeInfo:
             connections=int(doc.get("connections", 0)),
             started_at=int(doc.get("startedAt", 0)),
             updated_at=updated_at,
+            verifier=str(doc.get("verifier", "")),
         )
 
 

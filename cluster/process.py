@@ -4,13 +4,20 @@ Nodes and routers share this: the listen backlog comes from settings (sized for
 reconnect storms; aiohttp's default of 128 makes 5,000 simultaneous connects take
 over a minute), SIGTERM and SIGINT start a graceful stop, and the event loop is
 uvloop when it is installed.
+
+The port is bound before the app starts (before a node joins the ring): a process
+that cannot listen exits at once with one line instead of being routable while it
+serves nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -18,6 +25,10 @@ from aiohttp import web
 
 from cluster.metrics import render
 from cluster.settings import Settings
+
+
+class StartupError(Exception):
+    """A process cannot start (or must not stay up); the message is the one line it exits with."""
 
 
 class Service(Protocol):
@@ -68,6 +79,18 @@ def run_with_app(app: web.Application, service: Service) -> None:
     app.on_cleanup.append(on_cleanup)
 
 
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen now, so nothing that depends on being reachable starts on a port in use."""
+    try:
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason} (pick another --port)") from None
+    sock.setblocking(False)
+    return sock
+
+
 async def serve_app(
     app: web.Application,
     settings: Settings,
@@ -76,23 +99,39 @@ async def serve_app(
     started: Callable[[], None],
     drain: Callable[[], Awaitable[None]],
 ) -> None:
-    """Serve ``app`` until ``stop`` is set or SIGTERM/SIGINT arrives, then ``drain`` and clean up."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog, reuse_address=True)
-    await site.start()
-    metrics_runner = await _start_metrics_listener(settings)
+    """Serve ``app`` until ``stop`` is set or SIGTERM/SIGINT arrives, then ``drain`` and clean up.
+
+    Raises :class:`StartupError` before the app starts if the port cannot be bound.
+    """
+    sock = listen(settings.host, settings.port, settings.listen_backlog)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    started()
-    await stop.wait()
-    await drain()
-    await runner.cleanup()
-    if metrics_runner is not None:  # last: the drain stays visible to the scraper
-        await metrics_runner.cleanup()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    metrics_runner: web.AppRunner | None = None
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock, backlog=settings.listen_backlog).start()
+        metrics_runner = await _start_metrics_listener(settings)
+        started()
+        await stop.wait()
+        await drain()
+    finally:
+        await runner.cleanup()
+        sock.close()
+        if metrics_runner is not None:  # last: the drain stays visible to the scraper
+            await metrics_runner.cleanup()
+
+
+def run_process(name: str, main: Coroutine[Any, Any, Any]) -> None:
+    """Run a server process; a :class:`StartupError` is one line on stderr and exit code 1, no traceback."""
+    try:
+        run_loop(main)
+    except StartupError as exc:
+        print(f"pushctl {name}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def run_loop(main: Coroutine[Any, Any, Any]) -> None:

@@ -64,6 +64,13 @@ class Settings:
     )
     jwt_audience: str = _setting("", "PUSH_JWT_AUDIENCE", "Required `aud` claim, if set.")
     jwt_issuer: str = _setting("", "PUSH_JWT_ISSUER", "Required `iss` claim, if set.")
+    jwt_match_cluster: bool = _setting(
+        True,
+        "PUSH_JWT_MATCH_CLUSTER",
+        "A node refuses to join a cluster whose live nodes accept other tokens (keys, audience, issuer); "
+        "off for a rolling key change.",
+        _bool,
+    )
     allow_anonymous: bool = _setting(
         True, "PUSH_ALLOW_ANONYMOUS", "Accept connections without a token (public domains only).", _bool
     )

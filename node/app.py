@@ -21,7 +21,7 @@ from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
 from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
-from cluster.process import add_metrics_route, run_loop, run_with_app, serve_app
+from cluster.process import StartupError, add_metrics_route, run_process, run_with_app, serve_app
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import NODE_STATE, websocket_handler
@@ -51,7 +51,15 @@ class NodeState:
         self.bus_position: str | None = None  # history position while the bus was last up
         self._bus_was_up = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.stopping = asyncio.Event()  # serve() waits on it: set to stop this process
+        self.failure: str | None = None
         self.presence = NodePresence(self, membership)
+
+    def fail(self, reason: str) -> None:
+        """Stop this process with ``reason`` as its one-line error (it must not stay up)."""
+        log("node_refused", logging.ERROR, node=self.node_id, reason=reason)
+        self.failure = reason
+        self.stopping.set()
 
     async def on_bus_ready(self) -> None:
         self.hub.epoch = self.broker.epoch
@@ -65,6 +73,19 @@ class NodeState:
         await self.presence.join()  # before the bus is ready: a ready node is routable
 
     async def start(self) -> None:
+        if not self.verifier.configured:
+            if not self.settings.allow_anonymous:
+                raise StartupError(
+                    "neither PUSH_JWT_SECRET nor PUSH_JWT_PUBLIC_KEY is set and PUSH_ALLOW_ANONYMOUS is off: "
+                    "this node would refuse every client"
+                )
+            log(
+                "node_without_keys",
+                logging.WARNING,
+                node=self.node_id,
+                reason="neither PUSH_JWT_SECRET nor PUSH_JWT_PUBLIC_KEY is set: every token is refused, "
+                "anonymous clients only; this node joins only a cluster of such nodes",
+            )
         with contextlib.suppress(AuthError):
             self.verifier.warm_up()
         self.broker.on_ready = self.on_bus_ready
@@ -172,15 +193,20 @@ async def serve(
     """Run a node until ``stop`` is set or SIGTERM/SIGINT arrives, then drain and exit."""
     app = create_app(settings, broker, membership)
     state = app[NODE_STATE]
+    if stop is not None:
+        state.stopping = stop  # servers sharing one process stop together, a refused node included
 
     def started() -> None:
         bus = "memory" if isinstance(state.broker, MemoryBroker) else "redis"
         log("node_started", node=state.node_id, port=settings.port, url=settings.effective_public_url, bus=bus)
 
-    await serve_app(app, settings, stop, started=started, drain=state.drain)
+    await serve_app(app, settings, state.stopping, started=started, drain=state.drain)
+    if state.failure is not None:
+        raise StartupError(state.failure)
     log("node_stopped", node=state.node_id)
 
 
 def run(settings: Settings) -> None:
+    """The ``pushctl node`` process: exits 1 with one line when it cannot start or join."""
     configure(settings.log_level)
-    run_loop(serve(settings))
+    run_process("node", serve(settings))

@@ -6,6 +6,13 @@ so a ready node is routable), heartbeats its connection count every
 when it starts draining so routers stop sending it clients at once. It also
 watches the membership so the :class:`~node.rebalance.Rebalancer` can move the
 connections a scale-out assigns to another node.
+
+Before its first join the node reads the live list and refuses to join (the
+process exits 1 with one line) when its id is already heartbeating there — two
+processes with one id would overwrite each other's record — or when the live
+nodes accept other tokens than it does (``PUSH_JWT_MATCH_CLUSTER``). A record
+of its id at its own address, or one that stops changing, is a crashed
+predecessor's, and is taken over.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Coroutine
 
 from redis.exceptions import RedisError
 
+from cluster.auth import NO_KEYS
 from cluster.broker import BUS_ERRORS, Broker, RedisBroker
 from cluster.logs import RateLimitedLog, log
 from cluster.membership import (
@@ -34,6 +42,8 @@ if TYPE_CHECKING:
     from node.app import NodeState
 
 WITHDRAW_TIMEOUT_SECONDS = 2.0
+HELD_ID_HEARTBEATS = 3
+"""Heartbeat periods a node watches a record of its own id: unchanged means its holder is dead."""
 
 
 def membership_for(broker: Broker, settings: Settings) -> Membership:
@@ -52,6 +62,7 @@ class NodePresence:
         self.membership = membership or membership_for(state.broker, settings)
         self.started_at = time.time_ns() // 1_000_000
         self.registered = False
+        self.admitted = False
         self.leaving = False
         self._lock = asyncio.Lock()  # a heartbeat in flight must not land after the withdrawal
         self._log_failure = RateLimitedLog(per_second=0.2, burst=1)
@@ -66,10 +77,17 @@ class NodePresence:
             internal_url=settings.effective_internal_url,
             connections=len(self.state.hub.connections),
             started_at=self.started_at,
+            verifier=self.state.verifier.fingerprint,
         )
 
     async def join(self) -> None:
         """Register (and announce) this node; raises a bus error if Redis is not there."""
+        if not self.admitted:
+            refusal = await self.admission()
+            if refusal is not None:
+                self.state.fail(refusal)
+                return
+            self.admitted = True
         async with self._lock:
             if self.leaving:
                 return
@@ -82,6 +100,39 @@ class NodePresence:
                 log("join_failed", logging.WARNING, node=self.state.node_id, reason=type(exc).__name__)
                 return
         log("node_registered", node=self.state.node_id, url=self.state.settings.effective_public_url)
+
+    async def admission(self) -> str | None:
+        """Why this node must not join the live cluster (its id is live, its keys differ), or None."""
+        node_id = self.state.node_id
+        await self.membership.refresh()
+        holder = self.membership.nodes.get(node_id)
+        # A holder at our own address is our crashed predecessor: we hold its port now.
+        if holder is not None and holder.internal_url != self.state.settings.effective_internal_url:
+            seconds = HELD_ID_HEARTBEATS * self.membership.heartbeat_seconds
+            log("node_id_held", logging.WARNING, node=node_id, url=holder.url, seconds=seconds)
+            await asyncio.sleep(seconds)
+            await self.membership.refresh()
+            now = self.membership.nodes.get(node_id)
+            if now is not None and now.updated_at != holder.updated_at:
+                return (
+                    f"node id {node_id!r} is already live in this cluster (at {now.url}); "
+                    "pick another --node-id, or another Redis (--redis-url / REDIS_URL)"
+                )
+        if not self.state.settings.jwt_match_cluster:
+            return None
+        mine = self.state.verifier.fingerprint
+        others = sorted(n.id for n in self.membership.nodes.values() if n.id != node_id and n.verifier not in ("", mine))
+        if not others:
+            return None
+        listed = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+        theirs = self.membership.nodes[others[0]].verifier
+        mine_text = "no PUSH_JWT_SECRET or PUSH_JWT_PUBLIC_KEY" if mine == NO_KEYS else f"JWT fingerprint {mine}"
+        theirs_text = "no JWT keys" if theirs == NO_KEYS else f"JWT fingerprint {theirs}"
+        return (
+            f"this node has {mine_text} but the live nodes {listed} have {theirs_text}: it would refuse their users' "
+            "tokens; give it the same PUSH_JWT_SECRET / PUSH_JWT_PUBLIC_KEY (and audience, issuer), another Redis, "
+            "or PUSH_JWT_MATCH_CLUSTER=false during a rolling key change"
+        )
 
     def start(self) -> list[Coroutine[Any, Any, None]]:
         """The background work: heartbeats, and following the membership."""

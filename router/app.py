@@ -23,7 +23,7 @@ from cluster.handshake import authenticate, token_from_request
 from cluster.logs import configure, log
 from cluster.membership import Membership, NodeInfo
 from cluster.metrics import AUTH_FAILURES, ROUTER_ROUTES
-from cluster.process import add_metrics_route, run_loop, run_with_app, serve_app
+from cluster.process import add_metrics_route, run_process, run_with_app, serve_app
 from cluster.protocol import ErrorCode
 from cluster.ring import routing_key
 from cluster.settings import Settings
@@ -93,6 +93,7 @@ async def cluster_view(request: web.Request) -> web.Response:
                 "heartbeatAgeMs": max(0, membership.now_ms - node.updated_at),
                 "startedAt": node.started_at,
                 "proxied": proxied.get(node.id, 0),
+                "verifier": node.verifier,
             }
             for node, is_ready in zip(nodes, ready, strict=True)
         ],
@@ -161,5 +162,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None, membershi
 
 
 def run(settings: Settings) -> None:
+    """The ``pushctl router`` process: exits 1 with one line when it cannot listen."""
     configure(settings.log_level)
-    run_loop(serve(settings))
+    run_process("router", serve(settings))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,8 +172,11 @@ class NodeProcess:
 
 
 def node_env(**settings: str) -> dict[str, str]:
+    """A test node's environment. Nodes of different tests share one Redis without being one cluster
+    (test_auth's have keys of their own), so the JWT match check is off unless a test turns it on."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
     env.update({"PUSH_JWT_SECRET": JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", "PYTHONPATH": str(ROOT)})
+    env["PUSH_JWT_MATCH_CLUSTER"] = "false"
     env.update(settings)
     return env
 
@@ -437,3 +442,74 @@ def users_by_owner(routes: dict[str, str]) -> dict[str, list[str]]:
     for user, node in routes.items():
         owners.setdefault(node, []).append(user)
     return owners
+
+
+# --- `pushctl up` (SPEC §10) ---------------------------------------------------------------
+
+
+def ports_free(base: int, count: int) -> bool:
+    for port in range(base, base + count):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+def up_router_port(nodes: int) -> tuple[int, str | None]:
+    """8080 if it and the node ports after it are free, else a free range (and why)."""
+    if ports_free(8080, nodes + 1):
+        return 8080, None
+    for _ in range(50):
+        base = free_port()
+        if base + nodes < 65536 and ports_free(base, nodes + 1):
+            return base, "port 8080 (or 8081..) is busy on this machine: `pushctl up` tested with --port"
+    pytest.fail("no free port range for pushctl up")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+class Up:
+    def __init__(self, nodes: int, env: dict[str, str]) -> None:
+        self.port, self.note = up_router_port(nodes)
+        args = ["up", "--nodes", str(nodes)] + ([] if self.port == 8080 else ["--port", str(self.port)])
+        self.log_path = Path(f"/tmp/delta-push-test-up-{self.port}.log")
+        self.proc = subprocess.Popen(
+            [*PUSHCTL, *args], env=env, cwd=ROOT, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        """Every process answered /readyz (up says so) and the router does now."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"pushctl up exited with {self.proc.returncode}:\n{self.output()}")
+        return "Ctrl-C stops everything" in self.output() and http_status(f"http://127.0.0.1:{self.port}/readyz") == 200
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def up_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
+    env.update({"PYTHONPATH": str(ROOT), "PUSH_DRAIN_SECONDS": "0.5", **extra})
+    return env

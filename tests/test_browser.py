@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT = {"width": 1600, "height": 900}
+PHONE = {"width": 420, "height": 860}
 SHOTS = Path("/tmp")
 
 pytestmark = pytest.mark.skipif(
@@ -60,8 +61,8 @@ def open_page(browser: Any) -> Iterator[Any]:
     contexts: list[Any] = []
     errors: list[str] = []
 
-    def open_(url: str) -> Any:
-        context = browser.new_context(viewport=VIEWPORT)
+    def open_(url: str, viewport: dict[str, int] = VIEWPORT) -> Any:
+        context = browser.new_context(viewport=viewport)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -141,6 +142,26 @@ def test_page_served_by_the_router_connects_and_shows_published_events(start_nod
     assert page.locator(f'[data-event-id="{other["id"]}"]').count() == 0
     assert page.inner_text("#count-events") == "4"
     page.screenshot(path=str(SHOTS / "delta-push-browser-live.png"))
+
+
+def test_page_fits_a_phone_width_without_sideways_scroll(start_node, start_router, open_page):
+    node = start_node("web-phone")
+    router = start_router()
+    page = open_page(page_url(router, "frank"), viewport=PHONE)
+    wait_live(page)
+    fill = pushctl_publish(
+        node.redis_url, "order.filled", {"orderId": "o-" + "9" * 40, "symbol": "BTC/USDT", "note": "x" * 200},
+        "--user", "frank",
+    )
+    pushctl_publish(node.redis_url, "market.ticker", {"price": 64210.5, "changePct": -0.4}, "--key", "BTC/USDT")
+    page.wait_for_selector(f'#orders [data-event-id="{fill["id"]}"]')
+    page.wait_for_selector("#tickers .tile")
+    widths = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1] <= PHONE["width"], f"the page scrolls sideways: {widths}"
+    box = page.locator(".panel.connection").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+    assert page.locator("#log .entry").first.is_visible()
+    page.screenshot(path=str(SHOTS / "delta-push-browser-phone.png"), full_page=True)
 
 
 def test_page_follows_a_draining_node_and_shows_the_events_published_meanwhile_once(

@@ -13,7 +13,7 @@ from typing import Any
 
 import jwt
 import orjson
-from conftest import JWT_SECRET, PUSHCTL, ROOT, WsClient, async_wait_until, node_env, publish, token
+from conftest import JWT_SECRET, PUSHCTL, ROOT, WsClient, async_wait_until, free_port, node_env, publish, token
 
 SCRIPT = Path(sys.executable).parent / "pushctl"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else PUSHCTL
@@ -267,3 +267,46 @@ async def test_tail_with_a_token_prints_private_events(shared_node):
     finally:
         code = await finish(proc)
     assert code == 0
+
+
+# --- one clear line instead of a traceback (issue 17) --------------------------------------------
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+async def test_tail_with_a_bad_pattern_says_why_in_one_line(shared_node):
+    code, out, err = await pushctl("tail", "order.**", "--url", shared_node.url)
+    assert code == 2
+    assert out == ""
+    assert one_line(err).startswith("pushctl tail: invalid type pattern in 'order.**'")
+
+
+async def test_publish_with_redis_stopped_says_so_in_one_line():
+    stopped = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    code, out, err = await pushctl("publish", "market.ticker", "--key", "BTC/USDT", "--redis-url", stopped)
+    assert code == 1
+    assert out == ""
+    line = one_line(err)
+    assert line.startswith("pushctl publish: cannot reach Redis at redis://***@127.0.0.1:"), line
+    assert "hunter2" not in line
+
+
+async def test_publish_without_user_warns_that_every_subscriber_gets_it_and_still_publishes(shared_node, connect):
+    admin: WsClient = await connect(shared_node, token=token(user("ops"), roles=["admin"]))
+    await admin.subscribe(["order.*"])
+    code, out, err = await pushctl("publish", "order.filled", "--redis-url", shared_node.redis_url)
+    assert code == 0
+    assert "warning" in err and "EVERY user subscribed" in err and "--user" in err
+    [event] = await admin.events(1)
+    assert event["data"] == orjson.loads(out)
+
+
+async def test_publish_of_a_public_event_does_not_warn(shared_node):
+    code, _, err = await pushctl("publish", "market.ticker", "--key", "BTC/USDT", "--redis-url", shared_node.redis_url)
+    assert code == 0
+    assert err == ""

@@ -7,29 +7,28 @@ and router.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 from conftest import (
-    PUSHCTL,
-    ROOT,
     UNLIMITED_ROUTER,
     NodeProcess,
+    Up,
     async_wait_until,
     free_port,
+    http_status,
     node_env,
     route_many,
     start_nodes,
     token,
+    up_env,
     users_by_owner,
     wait_until,
 )
@@ -195,77 +194,9 @@ async def test_membership_survives_a_redis_restart_without_routing_gaps(private_
 # --- pushctl up -------------------------------------------------------------------------------
 
 
-def _ports_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                return False
-    return True
-
-
-def _router_port(nodes: int) -> tuple[int, str | None]:
-    """8080 if it and the node ports after it are free, else a free range (and why)."""
-    if _ports_free(8080, nodes + 1):
-        return 8080, None
-    for _ in range(50):
-        base = free_port()
-        if base + nodes < 65536 and _ports_free(base, nodes + 1):
-            return base, "port 8080 (or 8081..) is busy on this machine: `pushctl up` tested with --port"
-    pytest.fail("no free port range for pushctl up")
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status
-    except OSError:
-        return 0
-
-
-class Up:
-    def __init__(self, nodes: int, env: dict[str, str]) -> None:
-        self.port, self.note = _router_port(nodes)
-        args = ["up", "--nodes", str(nodes)] + ([] if self.port == 8080 else ["--port", str(self.port)])
-        self.log_path = Path(f"/tmp/delta-push-test-up-{self.port}.log")
-        self.proc = subprocess.Popen(
-            [*PUSHCTL, *args], env=env, cwd=ROOT, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def ready(self) -> bool:
-        """Every process answered /readyz (up says so) and the router does now."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"pushctl up exited with {self.proc.returncode}:\n{self.output()}")
-        return "Ctrl-C stops everything" in self.output() and _get(f"http://127.0.0.1:{self.port}/readyz") == 200
-
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _up_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
-    env.update({"PYTHONPATH": str(ROOT), "PUSH_DRAIN_SECONDS": "0.5", **extra})
-    return env
-
-
 def test_pushctl_up_starts_a_private_redis_serves_readyz_and_stops_cleanly_on_sigint():
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
-    up = Up(2, _up_env(REDIS_URL=unreachable))
+    up = Up(2, up_env(REDIS_URL=unreachable))
     try:
         wait_until(up.ready, 20, message="pushctl up router /readyz")
         if up.note:
@@ -276,7 +207,7 @@ def test_pushctl_up_starts_a_private_redis_serves_readyz_and_stops_cleanly_on_si
         secret = next(line.split("=", 1)[1].strip() for line in output.splitlines() if "PUSH_JWT_SECRET=" in line)
         redis_url = next(word for word in output.split() if word.startswith("redis://") and word != unreachable)
         for port in (up.port + 1, up.port + 2):
-            assert _get(f"http://127.0.0.1:{port}/readyz") == 200
+            assert http_status(f"http://127.0.0.1:{port}/readyz") == 200
         admin = token("ops", roles=["admin"], secret=secret)
         request = urllib.request.Request(f"http://127.0.0.1:{up.port}/v1/cluster")
         request.add_header("Authorization", f"Bearer {admin}")
@@ -286,14 +217,14 @@ def test_pushctl_up_starts_a_private_redis_serves_readyz_and_stops_cleanly_on_si
     finally:
         up.kill()
     for port in (up.port, up.port + 1, up.port + 2):
-        assert _get(f"http://127.0.0.1:{port}/healthz") == 0, f"port {port} still served after SIGINT"
+        assert http_status(f"http://127.0.0.1:{port}/healthz") == 0, f"port {port} still served after SIGINT"
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()  # the private Redis is gone too
     assert "stopped" in up.output()
 
 
 def test_pushctl_up_uses_a_reachable_redis_url(private_redis):
-    up = Up(1, _up_env(REDIS_URL=private_redis.url, PUSH_JWT_SECRET="up-secret-0123456789abcdef0123456789"))
+    up = Up(1, up_env(REDIS_URL=private_redis.url, PUSH_JWT_SECRET="up-secret-0123456789abcdef0123456789"))
     try:
         wait_until(up.ready, 20, message="pushctl up router /readyz")
         assert f"using the Redis at {private_redis.url}" in up.output()
@@ -304,10 +235,38 @@ def test_pushctl_up_uses_a_reachable_redis_url(private_redis):
     assert private_redis.client().ping()  # not ours to stop
 
 
+def test_two_pushctl_ups_on_one_redis_stay_separate(private_redis):
+    """The second `up` finds a live cluster on REDIS_URL and runs on a private redis-server instead."""
+    env = up_env(REDIS_URL=private_redis.url, PUSH_JWT_SECRET="up-secret-0123456789abcdef0123456789")
+    first = Up(1, env)
+    second: Up | None = None
+    try:
+        wait_until(first.ready, 20, message="the first pushctl up")
+        second = Up(1, env)
+        wait_until(second.ready, 20, message="the second pushctl up")
+        assert "already serves a live cluster (node-1" in second.output()
+        assert "starting a private redis-server" in second.output()
+        admin = token("ops", roles=["admin"], secret="up-secret-0123456789abcdef0123456789")
+        for up in (first, second):
+            request = urllib.request.Request(f"http://127.0.0.1:{up.port}/v1/cluster")
+            request.add_header("Authorization", f"Bearer {admin}")
+            with urllib.request.urlopen(request, timeout=5) as response:
+                [node] = orjson.loads(response.read())["nodes"]
+            assert (node["id"], node["url"]) == ("node-1", f"ws://127.0.0.1:{up.port + 1}/ws"), "each its own node-1"
+        info = orjson.loads(private_redis.client().hget("push:node:node-1", "info"))
+        assert info["url"] == f"ws://127.0.0.1:{first.port + 1}/ws", "the first cluster's node-1 was not taken over"
+        assert second.interrupt() == 0
+        assert first.interrupt() == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
 async def test_pushctl_up_without_redis_runs_one_in_process_node_behind_the_router(connect):
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     no_redis_binary = str(Path(sys.executable).parent)  # PATH without redis-server
-    up = Up(2, _up_env(REDIS_URL=unreachable, PATH=no_redis_binary))
+    up = Up(2, up_env(REDIS_URL=unreachable, PATH=no_redis_binary))
     try:
         await async_wait_until(up.ready, 20, message="pushctl up router /readyz")
         assert "in-memory bus" in up.output()
