@@ -21,6 +21,11 @@ same run are what the targets are about. The node is started with a push rate
 limit far above the workloads (``PUSH_EVENTS_PER_SECOND`` / ``PUSH_EVENTS_BURST``
 10,000) so that the per-connection limit of 100 events/s is not what is
 measured. See docs/PERFORMANCE.md for the method and the numbers.
+
+``--workloads ingest,bus-storm`` selects the bus-ingest family instead (issue 11;
+its own Redis and node, no Nchan): node CPU µs per SDK-published event that no
+connection wants (and per event with one recipient), measured against the node's
+idle rate just before, and a storm of keyed subscribes with Redis's client count.
 """
 
 from __future__ import annotations
