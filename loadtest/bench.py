@@ -21,6 +21,11 @@ same run are what the targets are about. The node is started with a push rate
 limit far above the workloads (``PUSH_EVENTS_PER_SECOND`` / ``PUSH_EVENTS_BURST``
 10,000) so that the per-connection limit of 100 events/s is not what is
 measured. See docs/PERFORMANCE.md for the method and the numbers.
+
+``--workloads ingest,bus-storm`` selects the bus-ingest family instead (issue 11;
+its own Redis and node, no Nchan): node CPU µs per SDK-published event that no
+connection wants (and per event with one recipient), measured against the node's
+idle rate just before, and a storm of keyed subscribes with Redis's client count.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import uvloop
@@ -152,7 +157,7 @@ class PushServer(Server):
 
     name = "delta-push"
 
-    def __init__(self, cpus: set[int] | None, client_cpus: set[int] | None, max_users: int) -> None:
+    def __init__(self, cpus: set[int] | None, client_cpus: set[int] | None, max_users: int, **settings: str) -> None:
         from cluster.auth import issue_token
 
         self.children: list[procs.Child] = []
@@ -163,8 +168,7 @@ class PushServer(Server):
                 self.redis_url,
                 node_id="bench",
                 cpus=cpus,
-                PUSH_EVENTS_PER_SECOND="10000",
-                PUSH_EVENTS_BURST="10000",
+                **{"PUSH_EVENTS_PER_SECOND": "10000", "PUSH_EVENTS_BURST": "10000", **settings},
             )
             self.children.append(node)
         except BaseException:
@@ -399,8 +403,12 @@ class Bench:
         concurrency: int | None = SETUP_CONCURRENCY,
         timeout: float = SETUP_TIMEOUT,
         storm: bool = False,
+        subscribe_for: Callable[[int], bytes] | None = None,
     ) -> tuple[list[BenchWebSocket], list[BenchWebSocket], list[float]]:
-        """Open ``count`` connections; returns (ready, all opened, ready times)."""
+        """Open ``count`` connections; returns (ready, all opened, ready times).
+
+        ``subscribe_for(index)``, if given, is connection ``index``'s own subscribe message.
+        """
         server = self.server
         opened: list[BenchWebSocket] = []
         gate = asyncio.Semaphore(concurrency) if concurrency else None
@@ -412,8 +420,9 @@ class Bench:
             if gate is not None:
                 await gate.acquire()
             try:
+                own = subscribe_for(index) if subscribe_for is not None else message
                 ws = await open_connection(
-                    HOST, server.port, path, stats, nchan=server.nchan, subscribe=message, probe=probe
+                    HOST, server.port, path, stats, nchan=server.nchan, subscribe=own, probe=probe
                 )
                 opened.append(ws)
                 ready_at = await (ws.subscribed if subscribe else ws.welcomed)
@@ -593,6 +602,367 @@ class Bench:
         return row
 
 
+# --- bus ingest (issue 11): what a node pays for events it does not deliver ---------------
+
+INGEST_CASES = ("offline-private", "public-unsubscribed", "arriving-unwanted", "wanted-one")
+INGEST_PUBLISH_SECONDS = 20.0  # per case: fewer events are published if the SDK is slower than that
+INGEST_SETTLE_SECONDS = 0.25
+INGEST_SETTLE_TIMEOUT = 10.0
+INGEST_SETTINGS = {"PUSH_EVENTS_PER_SECOND": "1000000", "PUSH_EVENTS_BURST": "1000000"}
+BUS_STORM_TIMEOUT = 60.0
+REDIS_POLL_SECONDS = 0.02
+OTHER_CHANNEL = "market.ticker:OTHER"
+INGEST_USER = "u-1"
+UNRELATED_USERS = 10
+OFFLINE_USERS = 10_000
+PUBLIC_SYMBOLS = 500
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds: user and kernel time are reported apart."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        fields = handle.read().rpartition(b")")[2].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+@dataclass(frozen=True)
+class IngestCase:
+    """One ingest workload: who is connected, and what the SDK publishes meanwhile."""
+
+    name: str
+    connections: tuple[tuple[str, tuple[str, ...]], ...]  # (user, channels) held during the case
+    publish: tuple[str, ...]  # loadtest.sdk_publisher arguments: type, user/key templates, spread
+    wanted: bool = False  # every event is for the one connection, and must arrive
+
+
+def ingest_case(name: str) -> IngestCase:
+    unrelated = tuple((f"bench-{i}", (OTHER_CHANNEL,)) for i in range(UNRELATED_USERS))
+    private = ("--type", "order.filled", "--user", INGEST_USER)
+    cases = {
+        "offline-private": IngestCase(
+            name, unrelated, ("--type", "order.filled", "--user", "off-{n}", "--spread", str(OFFLINE_USERS))
+        ),
+        "public-unsubscribed": IngestCase(
+            name, unrelated, ("--type", "market.ticker", "--key", "SYM{n}", "--spread", str(PUBLIC_SYMBOLS))
+        ),
+        "arriving-unwanted": IngestCase(name, ((INGEST_USER, (OTHER_CHANNEL,)),), private),
+        "wanted-one": IngestCase(name, ((INGEST_USER, ("order.*",)),), private, wanted=True),
+    }
+    return cases[name]
+
+
+@dataclass
+class IngestRow:
+    workload: str
+    connections: int = 0
+    published: int | None = None
+    publish_rate: float | None = None  # events/s the SDK publishers reached together
+    bus_received: int | None = None  # what the node took from the bus (its events_published_total)
+    expected: int = 0
+    delivered: int = 0
+    delivery_ratio: float | None = None
+    idle_cpu: float | None = None  # the node's share of a core just before publishing
+    cpu_us_per_event: float | None = None  # node CPU over the window, minus idle, per event published
+    user_us_per_event: float | None = None
+    system_us_per_event: float | None = None
+    window_seconds: float | None = None
+    server_cpu: float | None = None
+    server_core_busy: float | None = None
+    generator_cpu: float | None = None
+    connect_seconds: float | None = None  # bus-storm: first connect → last ack
+    cpu_us_per_connect: float | None = None
+    redis_clients_peak: int | None = None  # bus-storm: INFO clients, minus the generator's own
+    redis_clients_before: int | None = None
+    redis_clients_final: int | None = None
+    failed_connections: int = 0
+    lagged: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class CpuSample:
+    at: float
+    user: float  # node utime, s
+    system: float  # node stime, s
+    core: float  # CPU 0 busy, s
+    generator: float  # this process, s
+
+    @property
+    def node(self) -> float:
+        return self.user + self.system
+
+
+def metric_values(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text page, for the names asked."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            with contextlib.suppress(ValueError):
+                found[name] = float(value)
+    return found
+
+
+class IngestBench(Bench):
+    """The bus-ingest family, against one node through public entry points only.
+
+    SDK publish (``loadtest.sdk_publisher``), the node's ``/ws`` and ``/metrics``, and
+    ``/proc``: nothing here knows how the bus is wired, so the same code measures the
+    node before and after the bus changes.
+    """
+
+    server: PushServer
+
+    async def node_counters(self) -> dict[str, float]:
+        def ask() -> dict[str, float]:
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(f"http://{HOST}:{self.server.port}/metrics", timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                return {}
+            return metric_values(text, ("events_published_total", "events_delivered_total"))
+
+        return await self.loop.run_in_executor(None, ask)
+
+    def cpu_sample(self) -> CpuSample:
+        user, system = cpu_times(self.server.pid)
+        return CpuSample(self.loop.time(), user, system, cpu_busy_seconds(SERVER_CPU), cpu_seconds(os.getpid()))
+
+    async def connect_users(self, case: IngestCase, stats: Stats) -> list[BenchWebSocket]:
+        from cluster.auth import issue_token
+
+        sockets = []
+        for user, channels in case.connections:
+            token = issue_token(procs.BENCH_JWT_SECRET, user, ttl_seconds=3600)
+            message = orjson.dumps({"action": "subscribe", "channels": list(channels), "id": "bench"})
+            ws = await open_connection(HOST, self.server.port, f"/ws?token={token}", stats, subscribe=message)
+            sockets.append(ws)
+            await asyncio.wait_for(ws.subscribed, SETUP_TIMEOUT)
+        return sockets
+
+    async def start_publishers(self, case: IngestCase, events: int) -> list[asyncio.subprocess.Process]:
+        """The SDK publisher processes, connected and waiting for their start time."""
+        count = max(1, self.args.ingest_publishers)
+        started: list[asyncio.subprocess.Process] = []
+        try:
+            for index in range(count):
+                share = events // count + (1 if index < events % count else 0)
+                started.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "loadtest.sdk_publisher",
+                        "--redis-url",
+                        self.server.redis_url,
+                        *case.publish,
+                        "--events",
+                        str(share),
+                        "--offset",
+                        str(index * (events // count + 1)),
+                        "--tasks",
+                        str(self.args.ingest_tasks),
+                        "--max-seconds",
+                        str(INGEST_PUBLISH_SECONDS),
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                        cwd=procs.ROOT,
+                        preexec_fn=procs.child_setup(None, signal.SIGKILL),
+                    )
+                )
+            for proc in started:
+                assert proc.stdout is not None
+                line = await asyncio.wait_for(proc.stdout.readline(), procs.START_TIMEOUT)
+                if b'"ready"' not in line:
+                    err = await proc.stderr.read() if proc.stderr is not None else b""
+                    raise RuntimeError(f"an SDK publisher failed to start: {err.decode()[-500:]}")
+        except BaseException:
+            for proc in started:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            raise
+        return started
+
+    async def ingest(self, name: str, events: int) -> IngestRow:
+        """Node CPU per SDK-published event over the publish window, minus its idle rate just before."""
+        case = ingest_case(name)
+        row = IngestRow(f"ingest {name}", connections=len(case.connections))
+        stats = Stats()
+        sockets = await self.connect_users(case, stats)
+        publishers: list[asyncio.subprocess.Process] = []
+        try:
+            publishers = await self.start_publishers(case, events)
+            before = await self.node_counters()
+            await asyncio.sleep(0.3)
+            idle = self.cpu_sample()
+            await asyncio.sleep(self.args.ingest_idle)
+            start = self.cpu_sample()
+            go = f"{time.time()!r}\n".encode()
+            for proc in publishers:
+                assert proc.stdin is not None
+                proc.stdin.write(go)
+            try:
+                outputs = await asyncio.wait_for(
+                    asyncio.gather(*(proc.communicate() for proc in publishers)), INGEST_PUBLISH_SECONDS + 30
+                )
+            except TimeoutError:
+                raise RuntimeError("the SDK publishers did not finish") from None
+            reports = []
+            for out, err in outputs:
+                lines = out.decode().strip().splitlines()
+                if not lines:
+                    raise RuntimeError(f"an SDK publisher failed: {err.decode()[-500:]}")
+                reports.append(orjson.loads(lines[-1]))
+            row.published = sum(int(r["published"]) for r in reports)
+            failures = [f for r in reports for f in r.get("failures", [])]
+            if failures:
+                row.note = f"publish failures: {failures[:2]}"
+            first = min(r["started"] for r in reports)
+            last = max(r["started"] + r["seconds"] for r in reports)
+            row.publish_rate = row.published / (last - first) if last > first else None
+            row.expected = row.published if case.wanted else 0
+            # The window ends when the node is back at its idle rate (and, if wanted, everything arrived).
+            idle_rate = (start.node - idle.node) / (start.at - idle.at)
+            end = self.cpu_sample()
+            deadline = self.loop.time() + INGEST_SETTLE_TIMEOUT
+            while self.loop.time() < deadline:
+                await asyncio.sleep(INGEST_SETTLE_SECONDS)
+                previous, end = end, self.cpu_sample()
+                quiet = end.node - previous.node <= idle_rate * (end.at - previous.at) + 1.5 / CLK_TCK
+                if quiet and stats.delivered >= row.expected:
+                    break
+            after = await self.node_counters()
+        finally:
+            for proc in publishers:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+            await self.close_all(sockets)
+        window = end.at - start.at
+        idle_seconds = start.at - idle.at
+        row.window_seconds = window
+        row.idle_cpu = idle_rate
+        row.server_cpu = (end.node - start.node) / window
+        row.server_core_busy = (end.core - start.core) / window
+        row.generator_cpu = (end.generator - start.generator) / window
+        if row.published:
+            user = (end.user - start.user) - (start.user - idle.user) / idle_seconds * window
+            system = (end.system - start.system) - (start.system - idle.system) / idle_seconds * window
+            row.user_us_per_event = user * 1e6 / row.published
+            row.system_us_per_event = system * 1e6 / row.published
+            row.cpu_us_per_event = row.user_us_per_event + row.system_us_per_event
+        if "events_published_total" in before and "events_published_total" in after:
+            row.bus_received = int(after["events_published_total"] - before["events_published_total"])
+        row.delivered = stats.delivered
+        row.delivery_ratio = stats.delivered / row.expected if row.expected else None
+        row.lagged = stats.lagged
+        row.errors = stats.errors
+        return row
+
+    async def bus_storm(self, count: int) -> IngestRow:
+        """``count`` connections subscribe at once, each to its own keyed channel: time, Redis connections."""
+        import redis.asyncio as aioredis
+
+        row = IngestRow(f"bus-storm {count} keyed subscribes", connections=count)
+        poller = aioredis.Redis.from_url(self.server.redis_url)
+
+        async def redis_clients() -> int:
+            info = await poller.info("clients")
+            return int(info["connected_clients"]) - 1  # the poller's own connection
+
+        stats = Stats()
+        stop = asyncio.Event()
+        poll_errors: list[str] = []
+        try:
+            row.redis_clients_before = peak = await redis_clients()
+
+            async def poll() -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    try:
+                        peak = max(peak, await redis_clients())
+                    except (OSError, aioredis.RedisError) as exc:
+                        poll_errors.append(type(exc).__name__)
+                    await asyncio.sleep(REDIS_POLL_SECONDS)
+
+            poller_task = self.loop.create_task(poll())
+            cpu0 = cpu_seconds(self.server.pid)
+            t0 = time.monotonic()
+            ready, opened, times = await self.open_many(
+                count,
+                stats,
+                "BUS",
+                subscribe=True,
+                concurrency=None,
+                timeout=BUS_STORM_TIMEOUT,
+                storm=True,
+                subscribe_for=lambda i: orjson.dumps(
+                    {"action": "subscribe", "channels": [f"market.ticker:S{i}"], "id": "bench"}
+                ),
+            )
+            cpu1 = cpu_seconds(self.server.pid)
+            await asyncio.sleep(0.5)  # anything the node does after the last ack still counts
+            stop.set()
+            await poller_task
+            row.redis_clients_peak = peak
+            row.redis_clients_final = await redis_clients()
+            row.failed_connections = count - len(ready)
+            row.connect_seconds = (max(times) - t0) if times and len(ready) == count else None
+            row.cpu_us_per_connect = (cpu1 - cpu0) * 1e6 / max(1, len(ready))
+            if row.failed_connections:
+                row.note = f"{len(ready)} of {count} acked within {BUS_STORM_TIMEOUT:g} s"
+            if poll_errors:
+                row.note += f" INFO clients failed {len(poll_errors)} times ({poll_errors[0]})"
+            row.errors = stats.errors
+            row.lagged = stats.lagged
+            await self.close_all(opened)
+        finally:
+            stop.set()
+            await poller.aclose()
+        return row
+
+
+INGEST_COLUMNS = [
+    ("workload", "workload", 30, "s"),
+    ("published", "published", 9, ",d"),
+    ("pub ev/s", "publish_rate", 8, ",.0f"),
+    ("node got", "bus_received", 8, ",d"),
+    ("deliv/exp", "delivery_ratio", 9, ".4f"),
+    ("idle CPU", "idle_cpu", 8, ".1%"),
+    ("CPU µs/ev", "cpu_us_per_event", 9, ".2f"),
+    ("user µs", "user_us_per_event", 7, ".2f"),
+    ("sys µs", "system_us_per_event", 6, ".2f"),
+    ("window s", "window_seconds", 8, ".1f"),
+    ("srv CPU", "server_cpu", 7, ".0%"),
+    ("CPU0 busy", "server_core_busy", 9, ".0%"),
+    ("gen CPU", "generator_cpu", 7, ".0%"),
+    ("connect s", "connect_seconds", 9, ".2f"),
+    ("CPU µs/conn", "cpu_us_per_connect", 11, ".0f"),
+    ("redis before", "redis_clients_before", 12, "d"),
+    ("redis peak", "redis_clients_peak", 10, "d"),
+    ("redis end", "redis_clients_final", 9, "d"),
+]
+
+
+async def run_ingest(args: argparse.Namespace, server: PushServer) -> list[IngestRow]:
+    bench = IngestBench(args, server)
+    rows: list[IngestRow] = []
+    gc.disable()
+    try:
+        for name in INGEST_CASES:
+            if f"ingest:{name}" in args.workloads:
+                rows.append(await bench.ingest(name, args.ingest_events))
+        if "bus-storm" in args.workloads:
+            rows.append(await bench.bus_storm(args.bus_storm))
+    finally:
+        gc.enable()
+    return rows
+
+
 async def run_workloads(args: argparse.Namespace, servers: list[Server]) -> list[Row]:
     """Each workload on every server back to back, so that compared rows are measured close in time."""
     benches = [Bench(args, server) for server in servers]
@@ -637,11 +1007,11 @@ COLUMNS = [
 ]
 
 
-def render_table(rows: list[Row]) -> str:
-    lines = ["  ".join(f"{title:<{width}}" if fmt == "s" else f"{title:>{width}}" for title, _, width, fmt in COLUMNS)]
+def render_table(rows: list[Row] | list[IngestRow], columns: list[tuple[str, str, int, str]] = COLUMNS) -> str:
+    lines = ["  ".join(f"{title:<{width}}" if fmt == "s" else f"{title:>{width}}" for title, _, width, fmt in columns)]
     for row in rows:
         cells = []
-        for _, name, width, fmt in COLUMNS:
+        for _, name, width, fmt in columns:
             value = getattr(row, name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 cells.append(f"{'-':>{width}}")
@@ -728,6 +1098,23 @@ def environment_line(pinned: bool, nchan: str, nice: int = 0) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
+FANOUT_WORKLOADS = ("idle", "w1", "w2", "storm")
+
+
+def expand_workloads(text: str) -> list[str]:
+    """The comma list of ``--workloads``, with ``ingest`` standing for every ingest case."""
+    known = [*FANOUT_WORKLOADS, *(f"ingest:{c}" for c in INGEST_CASES), "bus-storm"]
+    chosen: list[str] = []
+    for word in (w.strip() for w in text.split(",")):
+        names = [f"ingest:{c}" for c in INGEST_CASES] if word == "ingest" else [word] if word else []
+        for name in names:
+            if name not in known:
+                raise SystemExit(f"unknown workload: {name} (known: ingest, {', '.join(known)})")
+            if name not in chosen:
+                chosen.append(name)
+    return chosen
+
+
 def parse_workload(text: str) -> tuple[int, float]:
     conns, _, rate = text.lower().partition("x")
     return int(conns), float(rate)
@@ -743,9 +1130,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the steady window (default 2)")
     parser.add_argument("--idle", type=int, default=2000, help="idle subscribed connections (default 2000)")
     parser.add_argument("--storm", type=int, default=5000, help="simultaneous connects (default 5000)")
-    parser.add_argument("--workloads", default="idle,w1,w2,storm", help="comma list of idle,w1,w2,storm (default all)")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000"
+        "--workloads",
+        default="idle,w1,w2,storm",
+        help="comma list of idle,w1,w2,storm (the fan-out family, the default) and ingest (= all of "
+        + ",".join(f"ingest:{c}" for c in INGEST_CASES)
+        + "), bus-storm (the bus-ingest family, no Nchan)",
+    )
+    parser.add_argument(
+        "--ingest-events", type=int, default=150_000, help="SDK events per ingest workload (default 150000)"
+    )
+    parser.add_argument("--ingest-publishers", type=int, default=1, help="SDK publisher processes (default 1)")
+    parser.add_argument("--ingest-tasks", type=int, default=16, help="SDK calls in flight per publisher (default 16)")
+    parser.add_argument(
+        "--ingest-idle", type=float, default=3.0, help="seconds of node idle rate before each ingest (default 3)"
+    )
+    parser.add_argument("--bus-storm", type=int, default=5000, help="bus-storm connections (default 5000)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000; ingest 5000 events, bus-storm 1000",
     )
     parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
@@ -774,7 +1178,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if args.nice:
         os.nice(args.nice)  # children inherit it: both servers, Redis, the publisher
     nofile = procs.raise_nofile()
-    needed = max(args.idle, args.storm, args.w1[0], args.w2[0]) + 200
+    fanout = [w for w in args.workloads if w in FANOUT_WORKLOADS]
+    ingest = [w for w in args.workloads if w not in FANOUT_WORKLOADS]
+    needed = max(args.idle, args.storm, args.w1[0], args.w2[0], args.bus_storm if "bus-storm" in ingest else 0) + 200
     if nofile < needed:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile}; this run needs {needed}: raise the hard limit (ulimit -Hn)")
     nchan_state = args.nchan_state
@@ -785,19 +1191,31 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
     # Children are started from the main thread: PR_SET_PDEATHSIG follows the thread that forked.
     servers: list[Server] = []
+    rows: list[Row] = []
+    ingest_rows: list[IngestRow] = []
     try:
-        servers.append(PushServer(server_cpus, client_cpus, max_users))
-        if nchan_state == "nchan":
-            servers.append(NchanServer(server_cpus))
-        rows = await run_workloads(args, servers)
+        if fanout:
+            servers.append(PushServer(server_cpus, client_cpus, max_users))
+            if nchan_state == "nchan":
+                servers.append(NchanServer(server_cpus))
+            rows = await run_workloads(args, servers)
+        if ingest:
+            # Its own Redis and node: nothing left from the fan-out, and a push limit no ingest rate reaches.
+            ingest_server = PushServer(server_cpus, client_cpus, max(args.bus_storm, 100), **INGEST_SETTINGS)
+            servers.append(ingest_server)
+            ingest_rows = await run_ingest(args, ingest_server)
     finally:
         for server in reversed(servers):
             server.stop()
     summary = compare(rows)
-    print()
-    print(render_table(sorted(rows, key=lambda r: (list(args.workloads).index(_kind(r)), r.server != "delta-push"))))
-    print()
-    print(render_comparison(summary))
+    if rows:
+        print()
+        print(render_table(sorted(rows, key=lambda r: (fanout.index(_kind(r)), r.server != "delta-push"))))
+        print()
+        print(render_comparison(summary))
+    if ingest_rows:
+        print()
+        print(render_table(ingest_rows, INGEST_COLUMNS))
     notes = [f"{r.workload} / {r.server}: {r.note}" for r in rows if r.note]
     notes += [f"{r.workload} / {r.server}: errors {r.errors}" for r in rows if r.errors]
     notes += [f"{r.workload} / {r.server}: {r.lagged} events reported lagged" for r in rows if r.lagged]
@@ -809,11 +1227,27 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         and r.server_cpu is not None
         and r.server_core_busy - r.server_cpu > INTERFERENCE
     ]
+    notes += [f"{r.workload}: {r.note}" for r in ingest_rows if r.note]
+    notes += [f"{r.workload}: errors {r.errors}" for r in ingest_rows if r.errors]
+    notes += [f"{r.workload}: {r.lagged} events reported lagged" for r in ingest_rows if r.lagged]
+    notes += [
+        f"{r.workload}: CPU {SERVER_CPU} was {r.server_core_busy:.0%} busy but the node used {r.server_cpu:.0%}: "
+        "other processes competed for its core — rerun on a quiet machine"
+        for r in ingest_rows
+        if r.server_core_busy is not None
+        and r.server_cpu is not None
+        and r.server_core_busy - r.server_cpu > INTERFERENCE
+    ]
     for note in notes:
         print("note: " + note)
-    if nchan_state not in ("nchan",) and not args.no_nchan:
+    if nchan_state not in ("nchan",) and not args.no_nchan and fanout:
         print(f"note: Nchan reference skipped: {nchan_state}")
-    result = {"rows": [asdict(r) for r in rows], **summary, "nchan": nchan_state}
+    result = {
+        "rows": [asdict(r) for r in rows],
+        **summary,
+        "nchan": nchan_state,
+        "ingest": [asdict(r) for r in ingest_rows],
+    }
     if args.json:
         args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     return result
@@ -828,17 +1262,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.w1, args.w2, args.duration, args.idle, args.storm = (200, 20.0), (400, 50.0), 4.0, 500, 1000
         args.warmup = min(args.warmup, 1.0)
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = set(args.workloads) - {"idle", "w1", "w2", "storm"}
-    if unknown:
-        raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
+        args.ingest_events, args.bus_storm, args.ingest_idle = 5000, 1000, 1.0
+    args.workloads = expand_workloads(args.workloads)
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
 
-    args.nchan_state = "skipped (--no-nchan)" if args.no_nchan else (ensure_nchan(not args.no_install) or "nchan")
+    if args.no_nchan:
+        args.nchan_state = "skipped (--no-nchan)"
+    elif not set(args.workloads) & set(FANOUT_WORKLOADS):
+        args.nchan_state = "not needed (no fan-out workload)"
+    else:
+        args.nchan_state = ensure_nchan(not args.no_install) or "nchan"
 
     async def bounded() -> dict[str, Any]:
         return await asyncio.wait_for(amain(args), args.max_seconds)

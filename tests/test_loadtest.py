@@ -49,3 +49,37 @@ def test_bench_smallest_mode_delivers_everything_and_prints_the_table(tmp_path):
     assert 0 < row["cpu_us_per_delivery"] < 1000
     assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] < 2000
     assert row["delivered_per_second"] > 0
+
+
+def test_bench_ingest_family_counts_every_wanted_event_and_bounds_the_storm(tmp_path):
+    """The bus-ingest workloads (issue 11) run in their smallest mode; no speed is judged here."""
+    result_path = tmp_path / "ingest.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench",
+            "--workloads",
+            "ingest:offline-private,ingest:wanted-one,bus-storm",
+            "--ingest-events",
+            "2000",
+            "--ingest-idle",
+            "0.5",
+            "--bus-storm",
+            "200",
+            "--json",
+            str(result_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CPU µs/ev" in done.stdout and "redis peak" in done.stdout, done.stdout
+    offline, wanted, storm = orjson.loads(result_path.read_bytes())["ingest"]
+    assert offline["workload"] == "ingest offline-private" and offline["published"] == 2000
+    assert offline["cpu_us_per_event"] is not None and offline["publish_rate"] > 0
+    assert wanted["published"] == 2000 and wanted["delivered"] == 2000 and wanted["delivery_ratio"] == 1.0
+    assert storm["failed_connections"] == 0 and storm["connect_seconds"] > 0
+    assert storm["redis_clients_peak"] >= storm["redis_clients_final"] >= 1
