@@ -237,39 +237,38 @@ class Hub:
     def _on_user_message(self, bus_channel: bytes, data: bytes) -> None:
         """A private event on its user's channel: only that user's connections here can want it."""
         user_id = bus_channel[USER_ID_SLICE].decode()
-        owners = self.by_user.get(user_id)
-        if not owners:
-            BUS_COUNTS.unwanted += 1  # the user left this node; the linger keeps the channel a moment
-            return
-        channel_name, raw = split_routed(data)
-        name, channel, candidates = self._routed_channel(channel_name)
-        if not any(_wants(conn, candidates) for conn in owners):
-            BUS_COUNTS.unwanted += 1
-            return
-        envelope = parse_envelope(raw, self.max_envelope_bytes)
-        if envelope.type != channel.type:
-            raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
-        if envelope.user_id != user_id:
-            raise EnvelopeError("channel_mismatch", f"an event of another user on the channel of {user_id}")
-        self._accept(name, channel, candidates, envelope, TO_OWNERS, False)
+        routed = self._parse_routed(data, self.by_user.get(user_id))
+        if routed is not None:
+            name, channel, candidates, envelope = routed
+            if envelope.user_id != user_id:
+                raise EnvelopeError("channel_mismatch", f"an event of another user on the channel of {user_id}")
+            self._accept(name, channel, candidates, envelope, TO_OWNERS, False)
 
     def _on_admin_message(self, data: bytes) -> None:
         """A private event on ``push:admin``: for this node's admins other than its user."""
-        admins = self.admins
-        if not admins:
-            BUS_COUNTS.unwanted += 1
-            return
+        routed = self._parse_routed(data, self.admins)
+        if routed is not None:
+            name, channel, candidates, envelope = routed
+            if envelope.user_id is None:
+                raise EnvelopeError("missing_user", "an event without userId on push:admin")
+            self._accept(name, channel, candidates, envelope, TO_ADMINS, False)
+
+    def _parse_routed(
+        self, data: bytes, recipients: set[ClientConnection] | None
+    ) -> tuple[str, Channel, tuple[Pattern, ...], Envelope] | None:
+        """A routed message (``<channel> <envelope>``) parsed only if one of ``recipients`` may want it."""
+        if not recipients:
+            BUS_COUNTS.unwanted += 1  # e.g. the user left this node: the linger keeps the channel a moment
+            return None
         channel_name, raw = split_routed(data)
         name, channel, candidates = self._routed_channel(channel_name)
-        if not any(_wants(conn, candidates) for conn in admins):
+        if not any(_wants(conn, candidates) for conn in recipients):
             BUS_COUNTS.unwanted += 1
-            return
+            return None
         envelope = parse_envelope(raw, self.max_envelope_bytes)
         if envelope.type != channel.type:
             raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
-        if envelope.user_id is None:
-            raise EnvelopeError("missing_user", "an event without userId on push:admin")
-        self._accept(name, channel, candidates, envelope, TO_ADMINS, False)
+        return name, channel, candidates, envelope
 
     def _accept(
         self,
