@@ -25,6 +25,7 @@ from cluster.process import StartupError, add_metrics_route, run_process, run_wi
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import NODE_STATE, websocket_handler
+from node.heartbeat import run_heartbeat
 from node.hub import Hub
 from node.membership import NodePresence
 from node.recovery import Recovery
@@ -91,6 +92,10 @@ class NodeState:
         self.broker.on_ready = self.on_bus_ready
         self._tasks.append(asyncio.create_task(self.broker.run(self.hub.on_bus_message), name="bus"))
         self._tasks.append(asyncio.create_task(self._renew_slots(), name="slots"))
+        if self.settings.ws_heartbeat:
+            self._tasks.append(
+                asyncio.create_task(run_heartbeat(self.hub, self.settings.ws_heartbeat), name="ws-heartbeat")
+            )
         self._tasks.append(asyncio.create_task(self._follow_history(), name="history"))
         self._tasks.extend(asyncio.create_task(work) for work in self.presence.start())
 

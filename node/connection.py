@@ -101,6 +101,7 @@ class ClientConnection:
         self.direct = True  # nothing waits and not closing: the hub may write to the socket itself
         self.close_code: int | None = None  # what the node closed with, if it closed first
         self.close_reason = ""
+        self.silent = False  # pinged, and nothing received since (see node.heartbeat)
 
     # --- identity -------------------------------------------------------------
 
@@ -234,6 +235,26 @@ class ClientConnection:
         for reason, dropped in notices.items():
             self.send_control(protocol.lagged(dropped, reason))
 
+    # --- heartbeat ------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """One heartbeat round: abort if nothing came since the last ping, else ping again."""
+        transport = self.transport
+        if self.closing or transport.is_closing():
+            return
+        if self.silent:
+            self.closing, self.direct = True, False
+            self.close_reason = "no pong within the heartbeat interval"
+            transport.abort()
+            return
+        self.silent = True
+        transport.write(PING_FRAME)
+
+    def pong(self, payload: bytes) -> None:
+        """Answer a client's ping (RFC 6455 §5.5.3), unless the socket is backed up or closing."""
+        if not self.transport.is_closing() and self.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+            self.transport.write(control_frame(0x8A, payload[:125]))
+
     # --- control messages and closing -------------------------------------------------
 
     def send_control(self, message: str) -> None:
@@ -283,6 +304,14 @@ class ClientConnection:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+PING_FRAME = b"\x89\x00"
+
+
+def control_frame(first_byte: int, payload: bytes) -> bytes:
+    """A complete, unmasked control frame (payload at most 125 bytes)."""
+    return bytes((first_byte, len(payload))) + payload
 
 
 def text_frame(payload: bytes) -> bytes:

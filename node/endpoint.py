@@ -50,7 +50,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[NODE_STATE]
     settings = state.settings
     ws = web.WebSocketResponse(
-        heartbeat=settings.ws_heartbeat or None,
+        heartbeat=None,  # one node-wide task pings every connection (node.heartbeat)
+        autoping=False,  # pings and pongs reach Session.serve: any frame proves the client alive
         max_msg_size=settings.max_frame_bytes * 4,
         compress=False,
         decode_text=False,
@@ -189,6 +190,12 @@ class Session:
         loop = asyncio.get_running_loop()
         while True:
             msg = await ws.receive()
+            conn.silent = False
+            if msg.type is WSMsgType.PONG:
+                continue
+            if msg.type is WSMsgType.PING:
+                conn.pong(msg.data)
+                continue
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return conn.close_reason or "client closed"
             if msg.type is WSMsgType.ERROR:
