@@ -72,6 +72,31 @@ class Subscription:
 class ClientConnection:
     """A connected client and the one place its outbound limits are applied."""
 
+    __slots__ = (
+        "id",
+        "identity",
+        "ws",
+        "transport",
+        "remote",
+        "subscriptions",
+        "bus_names",
+        "_loop",
+        "bucket",
+        "_settings",
+        "queue",
+        "_drainer",
+        "_stall_seconds",
+        "_lagged_interval",
+        "_lagged",
+        "_lagged_timer",
+        "closing",
+        "direct",
+        "close_code",
+        "close_reason",
+        "silent",
+        "__weakref__",
+    )  # thousands per node: no per-instance dict
+
     def __init__(
         self,
         connection_id: str,

@@ -141,6 +141,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
 class Session:
     """Serves one admitted connection's inbound messages."""
 
+    __slots__ = ("state", "conn", "inbound", "_expiry")
+
     def __init__(self, state: NodeState, conn: ClientConnection) -> None:
         self.state = state
         self.conn = conn
