@@ -65,10 +65,10 @@ class Settings:
     jwt_audience: str = _setting("", "PUSH_JWT_AUDIENCE", "Required `aud` claim, if set.")
     jwt_issuer: str = _setting("", "PUSH_JWT_ISSUER", "Required `iss` claim, if set.")
     jwt_match_cluster: bool = _setting(
-        True,
+        False,
         "PUSH_JWT_MATCH_CLUSTER",
-        "A node refuses to join a cluster whose live nodes accept other tokens (keys, audience, issuer); "
-        "off for a rolling key change.",
+        "Refuse to join a cluster whose live nodes accept other tokens (keys, audience, issuer); off: log "
+        "jwt_keys_differ and join. A node without any key never joins nodes that have one.",
         _bool,
     )
     allow_anonymous: bool = _setting(

@@ -118,20 +118,23 @@ class NodePresence:
                     f"node id {node_id!r} is already live in this cluster (at {now.url}); "
                     "pick another --node-id, or another Redis (--redis-url / REDIS_URL)"
                 )
-        if not self.state.settings.jwt_match_cluster:
-            return None
         mine = self.state.verifier.fingerprint
         others = sorted(n.id for n in self.membership.nodes.values() if n.id != node_id and n.verifier not in ("", mine))
         if not others:
             return None
         listed = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
         theirs = self.membership.nodes[others[0]].verifier
+        keyless_among_keyed = mine == NO_KEYS and theirs != NO_KEYS
+        if not keyless_among_keyed and not self.state.settings.jwt_match_cluster:
+            # Different keys are said loudly but do not stop the node by default: a rolling key
+            # change, or several deployments sharing one Redis on purpose, must still start.
+            log("jwt_keys_differ", logging.WARNING, node=node_id, mine=mine, theirs=theirs, nodes=listed)
+            return None
         mine_text = "no PUSH_JWT_SECRET or PUSH_JWT_PUBLIC_KEY" if mine == NO_KEYS else f"JWT fingerprint {mine}"
         theirs_text = "no JWT keys" if theirs == NO_KEYS else f"JWT fingerprint {theirs}"
         return (
             f"this node has {mine_text} but the live nodes {listed} have {theirs_text}: it would refuse their users' "
-            "tokens; give it the same PUSH_JWT_SECRET / PUSH_JWT_PUBLIC_KEY (and audience, issuer), another Redis, "
-            "or PUSH_JWT_MATCH_CLUSTER=false during a rolling key change"
+            "tokens; give it the same PUSH_JWT_SECRET / PUSH_JWT_PUBLIC_KEY (and audience, issuer), or another Redis"
         )
 
     def start(self) -> list[Coroutine[Any, Any, None]]:

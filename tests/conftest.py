@@ -172,11 +172,9 @@ class NodeProcess:
 
 
 def node_env(**settings: str) -> dict[str, str]:
-    """A test node's environment. Nodes of different tests share one Redis without being one cluster
-    (test_auth's have keys of their own), so the JWT match check is off unless a test turns it on."""
+    """A test node's environment (the defaults a user gets, with the tests' secret)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
     env.update({"PUSH_JWT_SECRET": JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", "PYTHONPATH": str(ROOT)})
-    env["PUSH_JWT_MATCH_CLUSTER"] = "false"
     env.update(settings)
     return env
 

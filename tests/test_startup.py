@@ -168,10 +168,20 @@ def test_a_node_with_another_secret_refuses_to_join_and_the_secret_never_reaches
     assert orjson.loads(record)["verifier"] == TokenVerifier(Settings(jwt_secret=JWT_SECRET)).fingerprint
 
 
-def test_a_rolling_key_change_can_switch_the_check_off(private_redis, start_node):
-    start_node("old-key", redis=private_redis, **CHECKED)
-    start_node("new-key", redis=private_redis, PUSH_JWT_SECRET=OTHER_SECRET, PUSH_JWT_MATCH_CLUSTER="false")
+def test_by_default_other_keys_join_and_say_so(private_redis, start_node):
+    """A rolling key change, or deployments sharing one Redis on purpose, must still start."""
+    start_node("old-key", redis=private_redis)
+    new = start_node("new-key", redis=private_redis, PUSH_JWT_SECRET=OTHER_SECRET)
     assert live_ids(private_redis) == {"old-key", "new-key"}
+    assert any(line.get("event") == "jwt_keys_differ" for line in new.log_lines())
+
+
+def test_a_node_without_keys_never_joins_nodes_that_have_them(private_redis, start_node):
+    start_node("keyed", redis=private_redis)
+    code, output, _ = run_node(free_port(), "keyless", private_redis.url, PUSH_JWT_SECRET="")
+    assert code == 1
+    assert "PUSH_JWT_SECRET" in error_line(output)
+    assert live_ids(private_redis) == {"keyed"}
 
 
 def test_an_anonymous_only_cluster_is_possible_and_says_so(private_redis, start_node):
