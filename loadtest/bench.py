@@ -22,6 +22,9 @@ limit far above the workloads (``PUSH_EVENTS_PER_SECOND`` / ``PUSH_EVENTS_BURST`
 10,000) so that the per-connection limit of 100 events/s is not what is
 measured. See docs/PERFORMANCE.md for the method and the numbers.
 
+``--workloads w2slow`` (issue 13) is W2 with readers that cannot keep up
+(``--slow-reader aiohttp|sleep``, loadtest/slowreaders.py), both servers, its own table.
+
 ``--workloads ingest,bus-storm`` selects the bus-ingest family instead (issue 11;
 its own Redis and node, no Nchan): node CPU µs per SDK-published event that no
 connection wants (and per event with one recipient), measured against the node's
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,8 +55,8 @@ from typing import Any, Callable
 import orjson
 import uvloop
 
-from loadtest import procs
-from loadtest.wsclient import BenchWebSocket, Stats, open_connection
+from loadtest import procs, slowreaders
+from loadtest.wsclient import BenchWebSocket, Stats, Subscriber, open_connection
 
 HOST = "127.0.0.1"
 SERVER_CPU = 0
@@ -75,7 +79,9 @@ TARGETS = {
     "w2_cpu_ratio": 1.3,
     "idle_kb": 20.0,
     "storm_seconds": 3.0,
+    "w2slow_cpu_ratio": 1.3,  # issue 13, with readers slower than the servers write
 }
+SLOW_READ_SHARE = 0.8  # the sleep reader reads this share of the offered rate
 
 
 # --- /proc accounting ---------------------------------------------------------------
@@ -364,6 +370,12 @@ class Row:
     failed_connections: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    # the slow-reader workload (issue 13); None/empty elsewhere
+    reader: str | None = None  # "aiohttp" or "sleep"
+    window_share: float | None = None  # delivered in the steady window ÷ (rate * window * connections)
+    loaded_kb_per_conn: float | None = None  # RSS growth over the connections at the end of the window
+    lagged_notices: int = 0
+    close_codes: dict[str, int] = field(default_factory=dict)  # connections the server closed, by code
 
 
 @dataclass
@@ -404,26 +416,32 @@ class Bench:
         timeout: float = SETUP_TIMEOUT,
         storm: bool = False,
         subscribe_for: Callable[[int], bytes] | None = None,
-    ) -> tuple[list[BenchWebSocket], list[BenchWebSocket], list[float]]:
+        connect: Callable[[str, bytes | None, bool], Awaitable[Subscriber]] | None = None,
+    ) -> tuple[list[Subscriber], list[Subscriber], list[float]]:
         """Open ``count`` connections; returns (ready, all opened, ready times).
 
-        ``subscribe_for(index)``, if given, is connection ``index``'s own subscribe message.
+        ``subscribe_for(index)``, if given, is connection ``index``'s own subscribe message;
+        ``connect(path, subscribe, probe)``, if given, opens one connection instead of the fast client.
         """
         server = self.server
-        opened: list[BenchWebSocket] = []
+        opened: list[Subscriber] = []
         gate = asyncio.Semaphore(concurrency) if concurrency else None
         message = server.subscribe_message(key) if subscribe else None
 
-        async def one(index: int) -> tuple[BenchWebSocket, float]:
+        async def one(index: int) -> tuple[Subscriber, float]:
             path = server.storm_path(index) if storm else server.sub_path(key, index)
             probe = probe_every > 0 and index % probe_every == 0
             if gate is not None:
                 await gate.acquire()
             try:
                 own = subscribe_for(index) if subscribe_for is not None else message
-                ws = await open_connection(
-                    HOST, server.port, path, stats, nchan=server.nchan, subscribe=own, probe=probe
-                )
+                ws: Subscriber
+                if connect is not None:
+                    ws = await connect(path, own, probe)
+                else:
+                    ws = await open_connection(
+                        HOST, server.port, path, stats, nchan=server.nchan, subscribe=own, probe=probe
+                    )
                 opened.append(ws)
                 ready_at = await (ws.subscribed if subscribe else ws.welcomed)
                 return ws, ready_at
@@ -436,7 +454,7 @@ class Bench:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        ready: list[BenchWebSocket] = []
+        ready: list[Subscriber] = []
         times: list[float] = []
         for task in done:
             if task.cancelled() or task.exception() is not None:
@@ -448,7 +466,7 @@ class Bench:
             times.append(ready_at)
         return ready, opened, times
 
-    async def close_all(self, connections: list[BenchWebSocket]) -> None:
+    async def close_all(self, connections: list[Subscriber]) -> None:
         for ws in connections:
             ws.close()
         deadline = self.loop.time() + 10
@@ -478,14 +496,52 @@ class Bench:
         await self.close_all(opened)
         return row
 
-    async def fanout(self, label: str, count: int, rate: float, duration: float, warmup: float) -> Row:
-        row = Row(f"{label} {count} conns x {rate:g}/s", self.server.name, connections=count, rate=rate)
+    def slow_connect(
+        self, reader: str, stats: Stats, rate: float, session: Any
+    ) -> Callable[[str, bytes | None, bool], Awaitable[Subscriber]]:
+        """How :meth:`open_many` opens one slow reader of kind ``reader`` (see loadtest/slowreaders.py)."""
+        server = self.server
+        read_rate = rate * self.args.slow_read_share
+
+        async def connect(path: str, subscribe: bytes | None, probe: bool) -> Subscriber:
+            if reader == "aiohttp":
+                url = f"http://{HOST}:{server.port}{path}"
+                return slowreaders.AiohttpReader(
+                    session, url, stats, nchan=server.nchan, subscribe=subscribe, probe=probe
+                )
+            return await slowreaders.open_throttled(
+                HOST,
+                server.port,
+                path,
+                stats,
+                read_rate=read_rate,
+                nchan=server.nchan,
+                subscribe=subscribe,
+                probe=probe,
+            )
+
+        return connect
+
+    async def fanout(
+        self, label: str, count: int, rate: float, duration: float, warmup: float, reader: str | None = None
+    ) -> Row:
+        """One fan-out; ``reader`` ("aiohttp" or "sleep") makes every connection a reader that cannot keep up."""
+        title = f"{label} {count} conns x {rate:g}/s" + (f" {reader}" if reader else "")
+        row = Row(title, self.server.name, connections=count, rate=rate, reader=reader)
         stats = Stats()
         probe_every = max(1, math.ceil(count * rate / MAX_LATENCY_SAMPLES_PER_SECOND))
-        ready, opened, _ = await self.open_many(count, stats, label, subscribe=True, probe_every=probe_every)
+        session = slowreaders.new_session() if reader == "aiohttp" else None
+        connect = self.slow_connect(reader, stats, rate, session) if reader else None
+        rss_before = rss_kb(self.server.pid)
+        ready, opened, _ = await self.open_many(
+            count, stats, label, subscribe=True, probe_every=probe_every, connect=connect
+        )
         row.failed_connections = count - len(ready)
+        samples: list[Sample] = []
         try:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0 if reader else 0.5)
+            if reader:
+                row.rss_kb_per_conn = (rss_kb(self.server.pid) - rss_before) / max(1, len(ready))
             start_at = time.time() + 1.0
             start = self.loop.time() + 1.0
             publisher = await asyncio.create_subprocess_exec(
@@ -512,6 +568,8 @@ class Bench:
                     max(0.0, min(SAMPLE_SECONDS - (self.loop.time() - samples[-1].at), end - self.loop.time()))
                 )
                 samples.append(self.sample(stats))
+            if reader:
+                row.loaded_kb_per_conn = (rss_kb(self.server.pid) - rss_before) / max(1, len(ready))
             try:
                 out, err = await asyncio.wait_for(publisher.communicate(), timeout=30)
             except TimeoutError:
@@ -530,13 +588,21 @@ class Bench:
             while stats.delivered < row.expected and self.loop.time() < deadline:
                 await asyncio.sleep(0.05)
         finally:
+            # before the bench closes them: only what the server closed is counted
+            row.close_codes = {str(code): n for code, n in stats.closed.items()}
+            if session is not None:
+                await slowreaders.close_session(session, opened)
             await self.close_all(opened)
+        if len(samples) < 2:
+            raise RuntimeError(f"{title}: no steady window was sampled")
         first, last = samples[0], samples[-1]
         window = last.at - first.at
         delivered_in_window = last.delivered - first.delivered
         row.delivered = stats.delivered
         row.delivered_per_second = delivered_in_window / window if window > 0 else None
         row.delivery_ratio = stats.delivered / row.expected if row.expected else None
+        if window > 0 and ready:
+            row.window_share = delivered_in_window / (rate * window * len(ready))
         if window > 0:
             row.generator_cpu = (last.generator - first.generator) / window
             row.server_cpu = (last.server - first.server) / window
@@ -560,6 +626,7 @@ class Bench:
             percentile(ordered, 1.0),
         )
         row.lagged = stats.lagged
+        row.lagged_notices = stats.lagged_notices
         row.errors = stats.errors
         return row
 
@@ -572,12 +639,16 @@ class Bench:
             cpu_seconds(os.getpid()),
         )
 
-    async def steady_fanout(self, label: str, count: int, rate: float, duration: float, warmup: float) -> Row:
+    async def steady_fanout(
+        self, label: str, count: int, rate: float, duration: float, warmup: float, reader: str | None = None
+    ) -> Row:
         """:meth:`fanout`, run once more (at most) when other processes disturbed most of its seconds."""
-        row = await self.fanout(label, count, rate, duration, warmup)
+        row = await self.fanout(label, count, rate, duration, warmup, reader)
         if row.sampled >= MIN_CLEAN_SAMPLES and row.clean * 2 < row.sampled:
-            again = await self.fanout(label, count, rate, duration, warmup)
+            again = await self.fanout(label, count, rate, duration, warmup, reader)
             kept = again if again.clean > row.clean else row
+            # RSS growth means something only on the first run: the second reuses the pages the first freed
+            kept.rss_kb_per_conn, kept.loaded_kb_per_conn = row.rss_kb_per_conn, row.loaded_kb_per_conn
             kept.note = f"run twice: the first run had {row.clean}/{row.sampled} undisturbed seconds"
             return kept
         return row
@@ -978,6 +1049,12 @@ async def run_workloads(args: argparse.Namespace, servers: list[Server]) -> list
                 count, rate = getattr(args, label)
                 for bench in benches:
                     rows.append(await bench.steady_fanout(label.upper(), count, rate, args.duration, args.warmup))
+        if "w2slow" in workloads:
+            count, rate = args.w2slow
+            for bench in benches:
+                rows.append(
+                    await bench.steady_fanout("W2SLOW", count, rate, args.duration, args.warmup, args.slow_reader)
+                )
         if "storm" in workloads:
             for bench in benches:
                 rows.append(await bench.storm(args.storm))
@@ -1000,6 +1077,26 @@ COLUMNS = [
     ("KB/conn", "rss_kb_per_conn", 7, ".1f"),
     ("connect s", "connect_seconds", 9, ".2f"),
     ("CPU µs/conn", "cpu_us_per_connect", 11, ".0f"),
+    ("srv CPU", "server_cpu", 7, ".0%"),
+    ("CPU0 busy", "server_core_busy", 9, ".0%"),
+    ("clean s", "clean_seconds", 7, ">"),
+    ("gen CPU", "generator_cpu", 7, ".0%"),
+]
+
+
+SLOW_COLUMNS = [
+    ("workload", "workload", 34, "s"),
+    ("server", "server", 10, "s"),
+    ("delivered/s", "delivered_per_second", 11, ",.0f"),
+    ("win share", "window_share", 9, ".4f"),
+    ("deliv/exp", "delivery_ratio", 9, ".4f"),
+    ("p50 ms", "p50_ms", 8, ".1f"),
+    ("p99 ms", "p99_ms", 8, ".1f"),
+    ("CPU µs/deliv", "cpu_us_per_delivery", 12, ".2f"),
+    ("KB/conn", "rss_kb_per_conn", 7, ".1f"),
+    ("KB loaded", "loaded_kb_per_conn", 9, ".1f"),
+    ("lagged", "lagged_notices", 6, "d"),
+    ("dropped", "lagged", 7, "d"),
     ("srv CPU", "server_cpu", 7, ".0%"),
     ("CPU0 busy", "server_core_busy", 9, ".0%"),
     ("clean s", "clean_seconds", 7, ">"),
@@ -1040,6 +1137,11 @@ def compare(rows: list[Row]) -> dict[str, Any]:
         ("W2", "cpu_us_per_delivery"),
         ("W1", "p99_ms"),
         ("W2", "p99_ms"),
+        ("W2SLOW", "cpu_us_per_delivery"),
+        ("W2SLOW", "window_share"),
+        ("W2SLOW", "delivery_ratio"),
+        ("W2SLOW", "p99_ms"),
+        ("W2SLOW", "rss_kb_per_conn"),
         ("idle", "rss_kb_per_conn"),
         ("storm", "connect_seconds"),
         ("storm", "cpu_us_per_connect"),
@@ -1061,6 +1163,12 @@ def compare(rows: list[Row]) -> dict[str, Any]:
     if w2 is not None:
         check("W2 delivered/expected ≥ 0.99", w2.delivery_ratio, TARGETS["w2_delivery"], at_least=True)
         check("W2 CPU/delivery ≤ 1.3x Nchan", ratios.get("W2 cpu_us_per_delivery"), TARGETS["w2_cpu_ratio"])
+    slow, slow_nchan = by.get(("W2SLOW", "delta-push")), by.get(("W2SLOW", "nchan"))
+    if slow is not None and slow_nchan is not None:
+        check("W2slow CPU/delivery ≤ 1.3x Nchan", ratios.get("W2SLOW cpu_us_per_delivery"), TARGETS["w2slow_cpu_ratio"])
+        for name, metric in (("in the window", "window_share"), ("after grace", "delivery_ratio")):
+            ours, theirs = getattr(slow, metric), getattr(slow_nchan, metric)
+            checks[f"W2slow delivered {name} ≥ Nchan's"] = None if ours is None or theirs is None else ours >= theirs
     if idle is not None:
         check("idle ≤ 20 KB/conn", idle.rss_kb_per_conn, TARGETS["idle_kb"])
     if storm is not None:
@@ -1098,7 +1206,7 @@ def environment_line(pinned: bool, nchan: str, nice: int = 0) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
-FANOUT_WORKLOADS = ("idle", "w1", "w2", "storm")
+FANOUT_WORKLOADS = ("idle", "w1", "w2", "w2slow", "storm")
 
 
 def expand_workloads(text: str) -> list[str]:
@@ -1126,6 +1234,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--w1", type=parse_workload, default=(1000, 20.0), metavar="CONNSxRATE", help="default 1000x20")
     parser.add_argument("--w2", type=parse_workload, default=(2000, 50.0), metavar="CONNSxRATE", help="default 2000x50")
+    parser.add_argument(
+        "--w2slow", type=parse_workload, default=(2000, 50.0), metavar="CONNSxRATE", help="default 2000x50"
+    )
+    parser.add_argument(
+        "--slow-reader",
+        choices=slowreaders.SLOW_READERS,
+        default="aiohttp",
+        help="w2slow's readers: aiohttp (a ws_connect + receive() loop decoding every frame, CPU-bound on the "
+        "generator's core; the default) or sleep (the fast client pausing after each read, reproducible)",
+    )
+    parser.add_argument(
+        "--slow-read-share",
+        type=float,
+        default=SLOW_READ_SHARE,
+        help=f"the sleep reader reads this share of the offered events/s per connection (default {SLOW_READ_SHARE})",
+    )
     parser.add_argument("--duration", type=float, default=12.0, help="seconds of publishing per workload (default 12)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the steady window (default 2)")
     parser.add_argument("--idle", type=int, default=2000, help="idle subscribed connections (default 2000)")
@@ -1133,7 +1257,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workloads",
         default="idle,w1,w2,storm",
-        help="comma list of idle,w1,w2,storm (the fan-out family, the default) and ingest (= all of "
+        help="comma list of idle,w1,w2,storm (the fan-out family, the default), w2slow (issue 13: W2 with readers "
+        "that cannot keep up, see --slow-reader) and ingest (= all of "
         + ",".join(f"ingest:{c}" for c in INGEST_CASES)
         + "), bus-storm (the bus-ingest family, no Nchan)",
     )
@@ -1149,7 +1274,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: W1 200x20, W2 400x50, 4 s, idle 500, storm 1000; ingest 5000 events, bus-storm 1000",
+        help="smoke run: W1 200x20, W2 and W2slow 400x50, 4 s, idle 500, storm 1000; ingest 5000 events, bus-storm 1000",
     )
     parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
@@ -1180,7 +1305,17 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     nofile = procs.raise_nofile()
     fanout = [w for w in args.workloads if w in FANOUT_WORKLOADS]
     ingest = [w for w in args.workloads if w not in FANOUT_WORKLOADS]
-    needed = max(args.idle, args.storm, args.w1[0], args.w2[0], args.bus_storm if "bus-storm" in ingest else 0) + 200
+    needed = (
+        max(
+            args.idle,
+            args.storm,
+            args.w1[0],
+            args.w2[0],
+            args.w2slow[0],
+            args.bus_storm if "bus-storm" in ingest else 0,
+        )
+        + 200
+    )
     if nofile < needed:
         raise SystemExit(f"RLIMIT_NOFILE is {nofile}; this run needs {needed}: raise the hard limit (ulimit -Hn)")
     nchan_state = args.nchan_state
@@ -1188,7 +1323,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         environment_line(pinned, nchan_state if nchan_state != "nchan" else "Nchan (nginx-light, 1 worker)", args.nice),
         flush=True,
     )
-    max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], 100)
+    max_users = max(args.idle, args.storm, args.w1[0], args.w2[0], args.w2slow[0], 100)
     # Children are started from the main thread: PR_SET_PDEATHSIG follows the thread that forked.
     servers: list[Server] = []
     rows: list[Row] = []
@@ -1208,9 +1343,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         for server in reversed(servers):
             server.stop()
     summary = compare(rows)
-    if rows:
+    fast_rows = [r for r in rows if r.reader is None]
+    slow_rows = [r for r in rows if r.reader is not None]
+    if fast_rows:
         print()
-        print(render_table(sorted(rows, key=lambda r: (fanout.index(_kind(r)), r.server != "delta-push"))))
+        print(render_table(sorted(fast_rows, key=lambda r: (fanout.index(_kind(r)), r.server != "delta-push"))))
+    if slow_rows:
+        print()
+        print(render_table(slow_rows, SLOW_COLUMNS))
+    if rows:
         print()
         print(render_comparison(summary))
     if ingest_rows:
@@ -1219,6 +1360,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     notes = [f"{r.workload} / {r.server}: {r.note}" for r in rows if r.note]
     notes += [f"{r.workload} / {r.server}: errors {r.errors}" for r in rows if r.errors]
     notes += [f"{r.workload} / {r.server}: {r.lagged} events reported lagged" for r in rows if r.lagged]
+    notes += [
+        f"{r.workload} / {r.server}: closed by the server, by code: {r.close_codes}" for r in rows if r.close_codes
+    ]
     notes += [
         f"{r.workload} / {r.server}: CPU {SERVER_CPU} was {r.server_core_busy:.0%} busy but the server used "
         f"{r.server_cpu:.0%}: other processes competed for its core, so this row is disturbed — rerun on a quiet machine"
@@ -1261,6 +1405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.w1, args.w2, args.duration, args.idle, args.storm = (200, 20.0), (400, 50.0), 4.0, 500, 1000
+        args.w2slow = (400, 50.0)
         args.warmup = min(args.warmup, 1.0)
         args.ingest_events, args.bus_storm, args.ingest_idle = 5000, 1000, 1.0
     args.workloads = expand_workloads(args.workloads)

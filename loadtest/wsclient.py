@@ -20,6 +20,7 @@ import base64
 import os
 import time
 from array import array
+from typing import Protocol
 
 import orjson
 
@@ -34,7 +35,8 @@ class Stats:
 
     def __init__(self) -> None:
         self.delivered = 0
-        self.lagged = 0
+        self.lagged = 0  # events the server reported dropped
+        self.lagged_notices = 0  # lagged messages received
         self.errors: dict[str, int] = {}
         self.closed: dict[int | None, int] = {}
         self.latencies_us: array[int] = array("q")
@@ -59,6 +61,15 @@ def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     else:
         masked = b""
     return header + mask + masked
+
+
+class Subscriber(Protocol):
+    """What the bench needs of any client connection, fast or slow."""
+
+    welcomed: asyncio.Future[float]
+    subscribed: asyncio.Future[float]
+
+    def close(self) -> None: ...
 
 
 class BenchWebSocket(asyncio.Protocol):
@@ -199,6 +210,7 @@ class BenchWebSocket(asyncio.Protocol):
                 self.subscribed.set_result(time.monotonic())
         elif action == "lagged":
             self.stats.lagged += int(doc.get("dropped", 0))
+            self.stats.lagged_notices += 1
         elif action == "error":
             self.stats.error(str(doc.get("code")))
 

@@ -83,3 +83,43 @@ def test_bench_ingest_family_counts_every_wanted_event_and_bounds_the_storm(tmp_
     assert wanted["published"] == 2000 and wanted["delivered"] == 2000 and wanted["delivery_ratio"] == 1.0
     assert storm["failed_connections"] == 0 and storm["connect_seconds"] > 0
     assert storm["redis_clients_peak"] >= storm["redis_clients_final"] >= 1
+
+
+def test_bench_slow_reader_workload_reads_below_the_offered_rate_and_catches_up(tmp_path):
+    """w2slow (issue 13) in its smallest mode: the sleep reader falls behind in the window, then catches up."""
+    result_path = tmp_path / "slow.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.bench",
+            "--workloads",
+            "w2slow",
+            "--w2slow",
+            "50x20",
+            "--slow-reader",
+            "sleep",
+            "--slow-read-share",
+            "0.5",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--no-nchan",
+            "--json",
+            str(result_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "win share" in done.stdout and "KB loaded" in done.stdout, done.stdout
+    [row] = orjson.loads(result_path.read_bytes())["rows"]
+    assert row["reader"] == "sleep" and row["failed_connections"] == 0
+    assert row["expected"] == 50 * 40
+    assert 0 < row["window_share"] <= 0.6, "the readers kept up: not a slow-reader workload"
+    assert 0.99 <= row["delivery_ratio"] <= 1.0
+    assert row["close_codes"] == {} and row["lagged"] == 0
+    assert 0 < row["cpu_us_per_delivery"] < 1000 and row["rss_kb_per_conn"] is not None
