@@ -93,7 +93,8 @@ class ClientConnection:
         "direct",
         "close_code",
         "close_reason",
-        "silent",
+        "heard",
+        "pinged",
         "__weakref__",
     )  # thousands per node: no per-instance dict
 
@@ -126,7 +127,8 @@ class ClientConnection:
         self.direct = True  # nothing waits and not closing: the hub may write to the socket itself
         self.close_code: int | None = None  # what the node closed with, if it closed first
         self.close_reason = ""
-        self.silent = False  # pinged, and nothing received since (see node.heartbeat)
+        self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
+        self.pinged = False  # a ping went out in the last round and nothing came since
 
     # --- identity -------------------------------------------------------------
 
@@ -263,17 +265,21 @@ class ClientConnection:
     # --- heartbeat ------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        """One heartbeat round: abort if nothing came since the last ping, else ping again."""
+        """One heartbeat round: a client heard from since the last round is left alone, a quiet
+        one gets a ping, one that stayed quiet after its ping is dropped (as aiohttp's heartbeat:
+        only connections silent for a whole interval see pings)."""
         transport = self.transport
         if self.closing or transport.is_closing():
             return
-        if self.silent:
+        if self.heard:
+            self.heard = self.pinged = False
+        elif self.pinged:
             self.closing, self.direct = True, False
             self.close_reason = "no pong within the heartbeat interval"
             transport.abort()
-            return
-        self.silent = True
-        transport.write(PING_FRAME)
+        else:
+            self.pinged = True
+            transport.write(PING_FRAME)
 
     def pong(self, payload: bytes) -> None:
         """Answer a client's ping (RFC 6455 §5.5.3), unless the socket is backed up or closing."""

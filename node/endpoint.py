@@ -192,7 +192,7 @@ class Session:
         loop = asyncio.get_running_loop()
         while True:
             msg = await ws.receive()
-            conn.silent = False
+            conn.heard = True
             if msg.type is WSMsgType.PONG:
                 continue
             if msg.type is WSMsgType.PING:

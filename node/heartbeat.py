@@ -2,10 +2,11 @@
 
 aiohttp's own heartbeat keeps two timers per connection and reschedules one on
 every frame received; here one task walks the node's connections in slices over
-each interval instead: a connection that has sent nothing (not even a pong) since
-its last ping is dead and is aborted (the client sees 1006, as with aiohttp's),
-every other one gets a ping (RFC 6455 §5.5.2). Pings are paced across the
-interval, never all at once.
+each interval instead. A connection that sent something since the previous round
+is left alone; one that stayed quiet for a whole interval gets a ping (RFC 6455
+§5.5.2); one that stays quiet after its ping as well is dead and is aborted (the
+client sees 1006, as with aiohttp's). Pings are paced across the interval, never
+all at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SLICES = 10  # a node pings 1/SLICES of its connections every interval/SLICES se
 
 
 async def run_heartbeat(hub: Hub, interval: float) -> None:
-    """Ping every connection once per ``interval``; abort those that stayed silent since the last ping."""
+    """Visit every connection once per ``interval``: ping the quiet ones, abort those quiet since their ping."""
     pause = interval / SLICES
     while True:
         connections = list(hub.connections.values())

@@ -74,3 +74,20 @@ def test_a_clients_protocol_ping_gets_a_pong_with_its_payload(shared_node):
         assert ws.recv_json() == {"action": "pong", "id": "after"}
     finally:
         ws.close()
+
+
+def test_a_client_that_keeps_talking_sees_no_protocol_pings(start_node):
+    """Only a connection quiet for a whole interval is pinged, as with aiohttp's heartbeat."""
+    node = start_node(node_id="heartbeat-talking", PUSH_WS_HEARTBEAT="0.5")
+    ws = RawWebSocket("127.0.0.1", node.port)
+    try:
+        assert ws.recv_json()["action"] == "welcome"
+        opcodes = []
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            ws.send_json({"action": "ping", "id": "app"})
+            opcodes.append(ws.recv_frame()[0])
+            time.sleep(0.15)
+        assert opcodes and set(opcodes) == {0x1}, f"only text frames (the app pongs): {sorted(set(opcodes))}"
+    finally:
+        ws.close()
