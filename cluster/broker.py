@@ -35,7 +35,7 @@ from cluster.history import EPOCH_KEY
 from cluster.logs import RateLimitedLog, log
 from cluster.metrics import BUS_CONNECTED, BUS_SUBSCRIPTIONS, REDIS_RECONNECTS
 
-__all__ = ["BUS_ERRORS", "EVENTS_PREFIX", "LEGACY_CHANNEL", "Broker", "MemoryBroker", "MessageHandler", "RedisBroker"]
+__all__ = ["BUS_ERRORS", "Broker", "MemoryBroker", "MessageHandler", "RedisBroker"]
 
 REDIS_POOL_SIZE = 32
 REDIS_POOL_TIMEOUT_SECONDS = 5.0

@@ -19,7 +19,7 @@ import asyncio
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Coroutine
 
 import orjson
 import uvloop
@@ -122,15 +122,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, required=True, help="seconds")
     parser.add_argument("--start-at", type=float, default=0.0, help="Unix time of the first event")
     parser.add_argument("--pad", type=int, default=64, help="payload padding bytes")
-    args = parser.parse_args()
-    result: list[dict[str, Any]] = []
+    return run_and_report(publish(parser.parse_args()))
 
-    async def run() -> None:
-        result.append(await publish(args))
 
-    uvloop.run(run())
-    print(orjson.dumps(result[0]).decode(), flush=True)
-    return 0 if not result[0]["failures"] else 1
+def run_and_report(publishing: Coroutine[Any, Any, dict[str, Any]]) -> int:
+    """Run a publisher on uvloop, print its report as the last JSON line (the bench reads it); 1 on failures."""
+    report = uvloop.run(publishing)
+    print(orjson.dumps(report).decode(), flush=True)
+    return 0 if not report["failures"] else 1
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import time
 from typing import Any
 
 import orjson
-import uvloop
 
 from cluster.events import DEFAULT_SOURCE_BY_DOMAIN, EventPublisher
+from loadtest.publisher import run_and_report
 
 WARMUP_USER = "bench-warmup"
 
@@ -94,15 +94,7 @@ def main() -> int:
     parser.add_argument("--offset", type=int, default=0, help="number of this process's first event")
     parser.add_argument("--tasks", type=int, default=16, help="SDK calls in flight")
     parser.add_argument("--max-seconds", type=float, default=60.0)
-    args = parser.parse_args()
-    result: list[dict[str, Any]] = []
-
-    async def run() -> None:
-        result.append(await publish(args))
-
-    uvloop.run(run())
-    print(orjson.dumps(result[0]).decode(), flush=True)
-    return 0 if not result[0]["failures"] else 1
+    return run_and_report(publish(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -14,33 +14,26 @@ import orjson
 from conftest import ROOT
 
 
-def test_bench_smallest_mode_delivers_everything_and_prints_the_table(tmp_path):
-    result_path = tmp_path / "bench.json"
+def run_bench(result_path, *args: str) -> tuple[str, dict]:
+    """Run ``python -m loadtest.bench`` with ``args`` (bounded); returns (stdout, the --json document)."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.bench",
-            "--workloads",
-            "w1",
-            "--w1",
-            "50x100",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--no-nchan",
-            "--json",
-            str(result_path),
-        ],
+        [sys.executable, "-m", "loadtest.bench", *args, "--json", str(result_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "delivered/s" in done.stdout and "CPU µs/deliv" in done.stdout, done.stdout
-    [row] = orjson.loads(result_path.read_bytes())["rows"]
+    return done.stdout, orjson.loads(result_path.read_bytes())
+
+
+def test_bench_smallest_mode_delivers_everything_and_prints_the_table(tmp_path):
+    result_path = tmp_path / "bench.json"
+    stdout, result = run_bench(
+        result_path, "--workloads", "w1", "--w1", "50x100", "--duration", "2", "--warmup", "0.5", "--no-nchan"
+    )
+    assert "delivered/s" in stdout and "CPU µs/deliv" in stdout, stdout
+    [row] = result["rows"]
     assert row["server"] == "delta-push"
     assert row["failed_connections"] == 0
     assert row["published"] == 200
@@ -54,30 +47,19 @@ def test_bench_smallest_mode_delivers_everything_and_prints_the_table(tmp_path):
 def test_bench_ingest_family_counts_every_wanted_event_and_bounds_the_storm(tmp_path):
     """The bus-ingest workloads (issue 11) run in their smallest mode; no speed is judged here."""
     result_path = tmp_path / "ingest.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.bench",
-            "--workloads",
-            "ingest:offline-private,ingest:wanted-one,bus-storm",
-            "--ingest-events",
-            "2000",
-            "--ingest-idle",
-            "0.5",
-            "--bus-storm",
-            "200",
-            "--json",
-            str(result_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    stdout, result = run_bench(
+        result_path,
+        "--workloads",
+        "ingest:offline-private,ingest:wanted-one,bus-storm",
+        "--ingest-events",
+        "2000",
+        "--ingest-idle",
+        "0.5",
+        "--bus-storm",
+        "200",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "CPU µs/ev" in done.stdout and "redis peak" in done.stdout, done.stdout
-    offline, wanted, storm = orjson.loads(result_path.read_bytes())["ingest"]
+    assert "CPU µs/ev" in stdout and "redis peak" in stdout, stdout
+    offline, wanted, storm = result["ingest"]
     assert offline["workload"] == "ingest offline-private" and offline["published"] == 2000
     assert offline["cpu_us_per_event"] is not None and offline["publish_rate"] > 0
     assert wanted["published"] == 2000 and wanted["delivered"] == 2000 and wanted["delivery_ratio"] == 1.0
@@ -88,35 +70,24 @@ def test_bench_ingest_family_counts_every_wanted_event_and_bounds_the_storm(tmp_
 def test_bench_slow_reader_workload_reads_below_the_offered_rate_and_catches_up(tmp_path):
     """w2slow (issue 13) in its smallest mode: the sleep reader falls behind in the window, then catches up."""
     result_path = tmp_path / "slow.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.bench",
-            "--workloads",
-            "w2slow",
-            "--w2slow",
-            "50x20",
-            "--slow-reader",
-            "sleep",
-            "--slow-read-share",
-            "0.5",
-            "--duration",
-            "2",
-            "--warmup",
-            "0.5",
-            "--no-nchan",
-            "--json",
-            str(result_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    stdout, result = run_bench(
+        result_path,
+        "--workloads",
+        "w2slow",
+        "--w2slow",
+        "50x20",
+        "--slow-reader",
+        "sleep",
+        "--slow-read-share",
+        "0.5",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--no-nchan",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "win share" in done.stdout and "KB loaded" in done.stdout, done.stdout
-    [row] = orjson.loads(result_path.read_bytes())["rows"]
+    assert "win share" in stdout and "KB loaded" in stdout, stdout
+    [row] = result["rows"]
     assert row["reader"] == "sleep" and row["failed_connections"] == 0
     assert row["expected"] == 50 * 40
     assert 0 < row["window_share"] <= 0.6, "the readers kept up: not a slow-reader workload"
