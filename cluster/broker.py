@@ -22,14 +22,15 @@ import random
 import re
 import secrets
 from abc import ABC, abstractmethod
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import redis.asyncio as aioredis
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.bus_interest import InterestCounts
-from cluster.bus_reader import BusConnection, BusRefused, MessageHandler
+from cluster.bus_reader import BusConnection, BusLink, BusRefused, MessageHandler
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, LEGACY_CHANNEL, USER_PREFIX, BusName
 from cluster.history import EPOCH_KEY
 from cluster.logs import RateLimitedLog, log
@@ -43,7 +44,15 @@ SUBSCRIBE_TIMEOUT_SECONDS = 5.0  # Redis must confirm the resubscription of a ne
 SWEEP_SECONDS = 0.25  # how often lingering names are checked
 HEALTH_SECONDS = 5.0  # a PING on an idle bus connection this often; no answer within as long: reconnect
 
-BUS_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
+BUS_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    ClusterError,  # a Redis Cluster failing over: CLUSTERDOWN, TRYAGAIN, MASTERDOWN
+    RedisClusterException,  # a Redis Cluster whose slot map cannot be read now
+)
 
 
 class Broker(ABC):
@@ -80,6 +89,21 @@ class RedisBroker(Broker):
     def __init__(self, url: str, *, max_backoff: float = 5.0, linger_seconds: float = 2.0, name: str = "") -> None:
         super().__init__()
         self.url = url
+        self.client = self._command_client(url)
+        self.connection_name = re.sub(r"[^A-Za-z0-9_.:-]", "_", f"push-bus:{name}")[:100] if name else ""
+        self._max_backoff = max_backoff
+        self.interest = InterestCounts(linger_seconds)
+        self.interest.acquire([LEGACY_CHANNEL])  # the legacy channel is always read
+        self._conn: BusLink | None = None
+        self._to_subscribe: set[BusName] = set()
+        self._to_unsubscribe: set[BusName] = set()
+        self._flush_scheduled = False
+        self._pending: dict[BusName, asyncio.Future[bool]] = {}  # sent, not yet confirmed
+        self._log_handler_error = RateLimitedLog(per_second=1)
+        self._log_refused = RateLimitedLog(per_second=0.2, burst=3)
+
+    def _command_client(self, url: str) -> Any:
+        """The client for commands and scripts (history, caps, membership)."""
         # Bounded: a reconnect storm's connection-cap checks queue for a connection
         # instead of opening one per connecting client.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -90,18 +114,11 @@ class RedisBroker(Broker):
             socket_keepalive=True,
             health_check_interval=10,
         )
-        self.client = aioredis.Redis(connection_pool=pool)
-        self.connection_name = re.sub(r"[^A-Za-z0-9_.:-]", "_", f"push-bus:{name}")[:100] if name else ""
-        self._max_backoff = max_backoff
-        self.interest = InterestCounts(linger_seconds)
-        self.interest.acquire([LEGACY_CHANNEL])  # the legacy channel is always read
-        self._conn: BusConnection | None = None
-        self._to_subscribe: set[BusName] = set()
-        self._to_unsubscribe: set[BusName] = set()
-        self._flush_scheduled = False
-        self._pending: dict[BusName, asyncio.Future[bool]] = {}  # sent, not yet confirmed
-        self._log_handler_error = RateLimitedLog(per_second=1)
-        self._log_refused = RateLimitedLog(per_second=0.2, burst=3)
+        return aioredis.Redis(connection_pool=pool)
+
+    async def _open(self, handler: MessageHandler) -> BusLink:
+        """The subscriber connection (a Redis Cluster opens several, used as one)."""
+        return await BusConnection.open(self.url, handler, self._handler_failed, self.connection_name)
 
     async def publish(self, channel: str, message: bytes) -> int:
         return int(await self.client.publish(channel, message))
@@ -185,9 +202,9 @@ class RedisBroker(Broker):
         backoff = 0.1
         lost = False
         while True:
-            conn: BusConnection | None = None
+            conn: BusLink | None = None
             try:
-                conn = await BusConnection.open(self.url, handler, self._handler_failed, self.connection_name)
+                conn = await self._open(handler)
                 self._to_subscribe.clear()
                 self._to_unsubscribe.clear()
                 self._pending.clear()
@@ -231,7 +248,7 @@ class RedisBroker(Broker):
                 if conn is not None:
                     conn.close()
 
-    async def _watch(self, conn: BusConnection) -> None:
+    async def _watch(self, conn: BusLink) -> None:
         """Sweep lingering names and check the connection's health until it is lost; raises why."""
         loop = asyncio.get_running_loop()
         health: asyncio.Future[bool] | None = None

@@ -14,6 +14,13 @@ passes a message on only through the first of them that covers its channel.
 ``PING`` is the barrier: its reply comes after every earlier command's, so a
 subscription is live once the ping sent after it is answered. A refused command
 (an ACL without the channel, say) fails the connection; the broker reconnects.
+
+On a Redis Cluster a connection may be *sharded*: it sends SSUBSCRIBE (one channel
+per command, as the channels of one command must share a slot) to the master
+owning those channels' slots and receives ``smessage``. Redis unsubscribes
+sharded channels by itself when their slot moves; such an unrequested
+``sunsubscribe`` fails the connection, so the broker re-reads the slot map and
+subscribes again where the slot now lives.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import asyncio
 import collections
 import fnmatch
 import ssl
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
@@ -41,9 +48,23 @@ EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 
 _MESSAGE = b"message"
 _PMESSAGE = b"pmessage"
-_SUBSCRIBED = (b"subscribe", b"psubscribe")
+_DIRECT_MESSAGES = (b"message", b"smessage")  # a channel subscription's message, classic or sharded
+_SUBSCRIBED = (b"subscribe", b"psubscribe", b"ssubscribe")
 _UNSUBSCRIBED = (b"unsubscribe", b"punsubscribe")
+_SUNSUBSCRIBED = b"sunsubscribe"
 _PONG = b"pong"
+
+
+class BusLink(Protocol):
+    """What the broker drives: one connection, or the several of a Redis Cluster used as one."""
+
+    closed: asyncio.Future[BaseException]
+
+    def subscribe(self, names: list[str]) -> None: ...
+    def unsubscribe(self, names: list[str]) -> None: ...
+    def ping(self) -> asyncio.Future[bool]: ...
+    def fail(self, exc: BaseException) -> None: ...
+    def close(self) -> None: ...
 
 
 class BusRefused(ConnectionError):
@@ -62,7 +83,11 @@ def encode_command(*args: bytes | str) -> bytes:
 class BusConnection(asyncio.Protocol):
     """A subscriber connection: sends (P)SUBSCRIBE/(P)UNSUBSCRIBE/PING, hands messages to ``on_message``."""
 
-    def __init__(self, on_message: MessageHandler, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self, on_message: MessageHandler, on_error: Callable[[BaseException], None], sharded: bool = False
+    ) -> None:
+        self.sharded = sharded
+        self._unsubscribing: set[bytes] = set()  # sharded channels we asked to leave, not yet confirmed
         self._on_message = on_message
         self._on_error = on_error
         self._reader = hiredis.Reader()
@@ -76,13 +101,18 @@ class BusConnection(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, url: str, on_message: MessageHandler, on_error: Callable[[BaseException], None], name: str = ""
+        cls,
+        url: str,
+        on_message: MessageHandler,
+        on_error: Callable[[BaseException], None],
+        name: str = "",
+        sharded: bool = False,
     ) -> BusConnection:
         """Connect, authenticate and name the connection; raises ``BusRefused`` or an OSError."""
         loop = asyncio.get_running_loop()
         options: dict[str, Any] = parse_url(url)
         connection_class = options.get("connection_class")
-        protocol = cls(on_message, on_error)
+        protocol = cls(on_message, on_error, sharded)
         if connection_class is UnixDomainSocketConnection:
             connecting = loop.create_unix_connection(lambda: protocol, options["path"])
         else:
@@ -131,7 +161,7 @@ class BusConnection(asyncio.Protocol):
         while (reply := gets()) is not False:
             if type(reply) is list:
                 kind = reply[0]
-                if kind == _MESSAGE:
+                if kind in _DIRECT_MESSAGES:
                     on_message(reply[1], reply[2])
                 elif kind == _PMESSAGE:
                     if self._first_cover(reply[2]) == reply[1]:
@@ -140,6 +170,13 @@ class BusConnection(asyncio.Protocol):
                     active.add(reply[1])
                 elif kind in _UNSUBSCRIBED:
                     active.discard(reply[1])
+                elif kind == _SUNSUBSCRIBED:
+                    active.discard(reply[1])
+                    if reply[1] in self._unsubscribing:
+                        self._unsubscribing.discard(reply[1])
+                    else:  # the slot moved (resharding, failover): subscribe again where it lives now
+                        self.fail(ConnectionError(f"Redis moved sharded channel {reply[1]!r}"))
+                        return
                 elif kind == _PONG:
                     self._pong(True)
             elif isinstance(reply, hiredis.ReplyError):
@@ -180,10 +217,17 @@ class BusConnection(asyncio.Protocol):
     # --- commands ---------------------------------------------------------------------
 
     def subscribe(self, names: list[str]) -> None:
-        self._send_split("SUBSCRIBE", "PSUBSCRIBE", names)
+        if self.sharded:
+            self._write(b"".join(encode_command("SSUBSCRIBE", name) for name in names))
+        else:
+            self._send_split("SUBSCRIBE", "PSUBSCRIBE", names)
 
     def unsubscribe(self, names: list[str]) -> None:
-        self._send_split("UNSUBSCRIBE", "PUNSUBSCRIBE", names)
+        if self.sharded:
+            self._unsubscribing.update(name.encode() for name in names)
+            self._write(b"".join(encode_command("SUNSUBSCRIBE", name) for name in names))
+        else:
+            self._send_split("UNSUBSCRIBE", "PUNSUBSCRIBE", names)
 
     def ping(self) -> asyncio.Future[bool]:
         """A barrier: resolves True once Redis has answered every command sent before it, False if lost."""

@@ -22,6 +22,7 @@ one string says which it is.
 
 from __future__ import annotations
 
+import zlib
 from typing import Iterable
 
 from cluster.channels import ANY, NO_KEY, Channel, Pattern
@@ -31,6 +32,8 @@ LEGACY_CHANNEL = "spirit:events"
 USER_PREFIX = "push:user:{"
 USER_SUFFIX = "}"
 ADMIN_CHANNEL = "push:admin"
+ADMIN_SHARD_PREFIX = "push:admin:{"
+ADMIN_SHARD_COUNT = 16
 ROUTED_SEPARATOR = b" "
 
 BusName = str
@@ -44,6 +47,21 @@ def is_glob(name: BusName) -> bool:
 def user_channel(user_id: str) -> str:
     """The bus channel of one user's private events (hash-tagged: one Redis Cluster slot per user)."""
     return f"{USER_PREFIX}{user_id}{USER_SUFFIX}"
+
+
+def admin_shard_channels() -> tuple[str, ...]:
+    """On a Redis Cluster, ``push:admin`` is spread over these sharded channels (one slot each)."""
+    return tuple(f"{ADMIN_SHARD_PREFIX}{i}{USER_SUFFIX}" for i in range(ADMIN_SHARD_COUNT))
+
+
+def admin_shard_channel(user_id: str) -> str:
+    """The sharded admin channel that carries ``user_id``'s private events on a Redis Cluster."""
+    return f"{ADMIN_SHARD_PREFIX}{zlib.crc32(user_id.encode()) % ADMIN_SHARD_COUNT}{USER_SUFFIX}"
+
+
+def is_sharded(name: BusName) -> bool:
+    """Whether a Redis Cluster carries this bus name on sharded pub/sub (SSUBSCRIBE/SPUBLISH)."""
+    return name.startswith(USER_PREFIX) or name == ADMIN_CHANNEL
 
 
 def routed_message(channel: str, envelope: bytes) -> bytes:

@@ -16,7 +16,7 @@ NODE_FLAGS = None  # every setting is a flag of `pushctl node`
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 
     from cluster.envelope import EnvelopeError
     from cluster.events import DEFAULT_SOURCE_BY_DOMAIN, SyncEventPublisher
@@ -50,7 +50,7 @@ def _publish(args: argparse.Namespace) -> int:
     except (EnvelopeError, ValueError) as exc:
         print(f"pushctl publish: {exc}", file=sys.stderr)
         return 2
-    except (OSError, RedisError) as exc:
+    except (OSError, RedisError, RedisClusterException) as exc:
         print(f"pushctl publish: cannot reach Redis at {safe_url(settings.redis_url)}: {exc}", file=sys.stderr)
         return 1
     print(orjson.dumps(envelope).decode())

@@ -12,10 +12,15 @@ Lua script (see :mod:`cluster.history`): a public or broadcast event on
 format in docs/BUS.md), so that it reaches only the nodes holding that user.
 Any other language can publish live-only with a plain ``PUBLISH`` of a JSON
 envelope, or routed and with history by running the same script.
+
+Given a Redis Cluster URL (``redis+cluster://host:port[,host:port]``) both
+publish through :class:`cluster.shard_publish.ShardedPublisher` instead: history
+on the channel's shard (confirmed by a replica), then the user's sharded channel.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -26,7 +31,9 @@ from cluster.channels import parse_channel
 from cluster.envelope import KNOWN_SERVICES, build_envelope
 from cluster.history import PUBLISH_SCRIPT, publish_args, publish_keys
 from cluster.metrics import EVENTS_PUBLISHED
+from cluster.redis_url import is_cluster_url
 from cluster.settings import Settings
+from cluster.shard_publish import ShardedPublisher
 
 _DEFAULTS = Settings()
 
@@ -96,13 +103,29 @@ class _PublisherBase:
         self.allow_unknown = allow_unknown
         self.history_size = history_size or _DEFAULTS.history_size
         self.history_seconds = history_seconds or _DEFAULTS.history_seconds
+        self._sharded: ShardedPublisher | None = None
+        if is_cluster_url(redis_url):
+            self._sharded = ShardedPublisher(redis_url)
+            return
         self._client = self.client_class.from_url(redis_url)
         self._script = self._client.register_script(PUBLISH_SCRIPT)
 
+    def _envelope(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
+        kwargs.setdefault("allow_unknown", self.allow_unknown)
+        return prepare(event_type, payload, source=self.source, **kwargs)
+
+    async def _publish_sharded(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        assert self._sharded is not None
+        channel, envelope, data = self._envelope(event_type, payload, kwargs)
+        await self._sharded.publish(
+            channel, data, envelope["id"], envelope.get("userId"), self.history_size, self.history_seconds
+        )
+        EVENTS_PUBLISHED.inc()
+        return envelope
+
     def _script_call(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The envelope, and the pending script call that stores and publishes it."""
-        kwargs.setdefault("allow_unknown", self.allow_unknown)
-        channel, envelope, data = prepare(event_type, payload, source=self.source, **kwargs)
+        channel, envelope, data = self._envelope(event_type, payload, kwargs)
         args = publish_args(
             channel, data, envelope["id"], self.history_size, self.history_seconds, envelope.get("userId")
         )
@@ -116,25 +139,41 @@ class EventPublisher(_PublisherBase):
 
     async def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
         """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
+        if self._sharded is not None:
+            return await self._publish_sharded(event_type, payload, kwargs)
         envelope, call = self._script_call(event_type, payload, kwargs)
         await call
         EVENTS_PUBLISHED.inc()
         return envelope
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._sharded is not None:
+            await self._sharded.close()
+        else:
+            await self._client.aclose()
 
 
 class SyncEventPublisher(_PublisherBase):
-    """Publishes events from synchronous code."""
+    """Publishes events from synchronous code (on a Redis Cluster through a private event loop)."""
 
     client_class = redis.Redis
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def publish(self, event_type: str, payload: Any, **kwargs: Any) -> dict[str, Any]:
         """Publish one event; keyword arguments as :func:`prepare`. Returns the envelope."""
+        if self._sharded is not None:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(self._publish_sharded(event_type, payload, kwargs))
         envelope, _ = self._script_call(event_type, payload, kwargs)  # the sync client has run it
         EVENTS_PUBLISHED.inc()
         return envelope
 
     def close(self) -> None:
-        self._client.close()
+        if self._sharded is None:
+            self._client.close()
+            return
+        loop = self._loop or asyncio.new_event_loop()
+        loop.run_until_complete(self._sharded.close())
+        loop.close()
+        self._loop = None

@@ -15,6 +15,14 @@ flushed it changes, and old cursors are known to be unrecoverable.
 
 Non-Python publishers get history by running the same script (``PUBLISH_SCRIPT``)
 with EVALSHA/EVAL; see docs/RECOVERY.md for its keys and arguments.
+
+On a Redis Cluster every script must stay in one slot, so history is kept per
+channel: the stream is ``push:history:{<channel>}`` (the channel is its hash
+tag), its entry ids come from XADD on the owning shard (``<ms>-<seq>``, exact per
+channel), and ``CLUSTER_PUBLISH_SCRIPT`` writes it alone; the SDK publishes the
+live message around it (:mod:`cluster.shard_publish`). Channels of different
+shards then order by the shards' clocks: recovery is exact per channel and in
+time order across channels. The epoch stays one key (``push:epoch``).
 """
 
 from __future__ import annotations
@@ -26,13 +34,16 @@ import redis.asyncio as aioredis
 
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, user_channel
 from cluster.channels import ChannelError, Pattern, parse_channel
+from cluster.redis_url import AsyncClient
 
 EPOCH_KEY = "push:epoch"
 SEQ_KEY = "push:history:seq"
 CLOCK_KEY = "push:history:clock"
 STREAM_PREFIX = "push:history:stream:"
 CHANNELS_PREFIX = "push:history:channels:"
+CLUSTER_STREAM_PREFIX = "push:history:{"  # + channel + "}": one slot per channel on a Redis Cluster
 SCAN_BATCH = 200
+MAX_STREAM_SEQ = 2**64 - 1
 
 PUBLISH_SCRIPT = """
 -- KEYS: 1 stream of the channel, 2 channel set of the domain, 3 sequence, 4 clock, 5 epoch
@@ -60,6 +71,29 @@ if ARGV[8] and ARGV[8] ~= '' then
 end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 """
+
+
+CLUSTER_PUBLISH_SCRIPT = """
+-- Redis Cluster: KEYS: 1 stream of the channel (push:history:{<channel>})
+-- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms,
+--       5 bus channel to PUBLISH the envelope on ('' when the caller publishes it: private events)
+local retention = tonumber(ARGV[4])
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'i', ARGV[2], 'e', ARGV[1])
+local ms = tonumber(string.match(id, '^(%d+)'))
+redis.call('XTRIM', KEYS[1], 'MINID', ms - retention)
+redis.call('PEXPIRE', KEYS[1], retention)
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[1]) end
+return id
+"""
+
+
+def cluster_stream_key(channel: str) -> str:
+    return f"{CLUSTER_STREAM_PREFIX}{channel}}}"
+
+
+def channels_key(channel: str) -> str:
+    """The set listing the channels of ``channel``'s domain that have history."""
+    return CHANNELS_PREFIX + channel.partition(".")[0]
 
 
 def make_cursor(epoch: str, channel: str, event_id: str) -> str:
@@ -139,9 +173,13 @@ LOST = Replay(False, [])
 class History:
     """Reads history for recovery on a node."""
 
-    def __init__(self, client: aioredis.Redis, max_events: int) -> None:
+    def __init__(self, client: AsyncClient, max_events: int, *, cluster: bool = False) -> None:
         self._client = client
         self.max_events = max_events
+        self.cluster = cluster
+
+    def stream_key(self, channel: str) -> str:
+        return cluster_stream_key(channel) if self.cluster else STREAM_PREFIX + channel
 
     async def epoch(self) -> str:
         value = await self._client.get(EPOCH_KEY)
@@ -149,6 +187,11 @@ class History:
 
     async def position(self) -> str | None:
         """A position cursor for "now": every event published later is after it."""
+        if self.cluster:  # per-channel ids: every entry from this millisecond on is after it
+            epoch = await self._client.get(EPOCH_KEY)
+            seconds, micros = await self._client.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            return f"{epoch.decode()}:@{now_ms - 1}-{MAX_STREAM_SEQ}" if epoch else None
         epoch, clock, seq = await self._client.mget(EPOCH_KEY, CLOCK_KEY, SEQ_KEY)
         if not epoch:
             return None
@@ -156,7 +199,7 @@ class History:
 
     async def locate(self, cursor: Cursor) -> bytes | None:
         """The stream position of the cursor's event, scanning back from the newest."""
-        key = STREAM_PREFIX + cursor.channel
+        key = self.stream_key(cursor.channel)
         wanted = cursor.event_id.encode()
         end: bytes | str = "+"
         scanned = 0
@@ -205,7 +248,7 @@ class History:
     async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int], limit: int) -> Replay:
         merged: list[tuple[tuple[int, int], str, bytes]] = []
         for name in await self.channels(pattern):
-            key = STREAM_PREFIX + name
+            key = self.stream_key(name)
             pipe = self._client.pipeline(transaction=False)
             pipe.xinfo_stream(key)
             pipe.xrange(key, min=b"(" + position, max="+", count=limit + 1)

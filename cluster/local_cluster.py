@@ -303,10 +303,15 @@ def _die_with_parent() -> None:
 def _redis_answers(url: str) -> bool:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    from cluster.redis_url import sync_client
+
+    try:
+        client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
+        return False  # a cluster client reads the slot map at once: an unreachable cluster fails here
     try:
         return bool(client.ping())
-    except (redis.exceptions.RedisError, OSError):
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError):
         return False
     finally:
         client.close()
@@ -317,13 +322,18 @@ def _live_nodes(url: str) -> list[str]:
     import redis
 
     from cluster.membership import NODES_KEY
+    from cluster.redis_url import sync_client
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+    try:
+        client = sync_client(url, socket_connect_timeout=1, socket_timeout=1)
+    except errors:
+        return []
     try:
         seconds, micros = client.time()
         now_ms = seconds * 1000 + micros // 1000
         return sorted(_text(node_id) for node_id in client.zrangebyscore(NODES_KEY, now_ms, "+inf"))
-    except (redis.exceptions.RedisError, OSError):
+    except errors:
         return []
     finally:
         client.close()

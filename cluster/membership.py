@@ -2,8 +2,10 @@
 
 Each node heartbeats a record of itself (id, public WebSocket URL, internal URL,
 connection count, start time) every ``heartbeat_seconds``. In Redis that is a
-sorted set ``push:nodes`` scored by lease expiry plus a hash ``push:node:<id>``
-with the same PEXPIRE, written by one Lua script that reads Redis's own clock
+sorted set ``push:nodes`` scored by lease expiry plus a hash
+``push:node:{push:nodes}:<id>`` (hash-tagged into the sorted set's slot, so the
+scripts work on a Redis Cluster) with the same PEXPIRE, written by one Lua
+script that reads Redis's own clock
 (node clocks never matter). Joins and leaves are announced on the pub/sub
 channel ``push:membership``.
 
@@ -29,17 +31,19 @@ from typing import Any, Callable
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from cluster.broker import BUS_ERRORS
 from cluster.logs import log
+from cluster.redis_url import AsyncClient, async_client
 from cluster.ring import Ring
 
 NODES_KEY = "push:nodes"
-NODE_KEY_PREFIX = "push:node:"
+NODE_KEY_PREFIX = "push:node:{push:nodes}:"  # hash-tagged with the sorted set: one slot on a Redis Cluster
 MEMBERSHIP_CHANNEL = "push:membership"
 
-MEMBERSHIP_ERRORS = (*BUS_ERRORS, RedisError)
+MEMBERSHIP_ERRORS = (*BUS_ERRORS, RedisError, RedisClusterException)
 """What a membership call may raise when Redis is gone, restarting, read-only or confused."""
 
 RingListener = Callable[[Ring, Ring], None]
@@ -201,7 +205,7 @@ class Membership(ABC):
 class RedisMembership(Membership):
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         heartbeat_seconds: float,
         ttl_seconds: float,
         *,
@@ -216,7 +220,7 @@ class RedisMembership(Membership):
 
     @classmethod
     def from_url(cls, url: str, heartbeat_seconds: float, ttl_seconds: float) -> RedisMembership:
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
+        client = async_client(url, socket_connect_timeout=2, socket_timeout=5, socket_keepalive=True)
         return cls(client, heartbeat_seconds, ttl_seconds)
 
     async def announce(self, info: NodeInfo, *, join: bool = False) -> None:
@@ -251,8 +255,13 @@ class RedisMembership(Membership):
         backoff = 0.1
         lost = False
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                if isinstance(self.client, RedisCluster):  # its pub/sub needs the slot map, as it is now
+                    await self.client.initialize()
+                    if lost:
+                        await self.client.nodes_manager.initialize()
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(MEMBERSHIP_CHANNEL)
                 if lost:
                     self._grace = dict(self.nodes)
@@ -273,7 +282,8 @@ class RedisMembership(Membership):
                 backoff = min(backoff * 2, self._max_backoff)
             finally:
                 try:
-                    await pubsub.aclose()
+                    if pubsub is not None:
+                        await pubsub.aclose()
                 except MEMBERSHIP_ERRORS:
                     pass  # the connection is already gone
 

@@ -32,6 +32,10 @@ BUS_CONNECTED = Gauge(
 )
 PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clients, by code.", ["code"])
 BUS_SUBSCRIPTIONS = Gauge("bus_subscriptions", "Redis channels and patterns this node is subscribed to.")
+SDK_UNREPLICATED = Counter(
+    "sdk_unreplicated_events_total",
+    "Events the SDK published on a Redis Cluster that no replica confirmed within the WAIT timeout.",
+)
 BUS_PLAIN_PRIVATE = Counter(
     "bus_plain_private_events_total",
     "Private events that arrived by plain PUBLISH on events:<channel>: they cost every interested node "

@@ -7,6 +7,10 @@ connects on any nodes are counted exactly. A live node renews its leases every
 third of the lease time; a node that dies stops renewing and its slots expire
 within the lease (30 s by default). Every disconnect path releases its slot.
 
+On a Redis Cluster each user's key is its own slot: acquisitions run as one
+script call each (concurrently, as scripts cannot be pipelined there) and
+renewals as one single-key script call per lease.
+
 If Redis is unreachable at connect time the cap fails open (the connection is
 accepted and counted locally) and the next renewal registers it in Redis.
 """
@@ -17,10 +21,11 @@ import asyncio
 import logging
 from typing import Iterable
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from cluster.broker import BUS_ERRORS
 from cluster.logs import log
+from cluster.redis_url import AsyncClient
 
 SLOTS_PREFIX = "push:conns:"
 
@@ -53,8 +58,9 @@ FLUSH_BATCH = 500
 class ConnectionSlots:
     """Counts a user's connections across the cluster (or locally, without Redis)."""
 
-    def __init__(self, client: aioredis.Redis | None, max_per_user: int, lease_seconds: float) -> None:
+    def __init__(self, client: AsyncClient | None, max_per_user: int, lease_seconds: float) -> None:
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
         self.max_per_user = max_per_user
         self.lease_ms = int(lease_seconds * 1000)
         self._local: dict[str, set[str]] = {}  # user -> connection ids held on this node
@@ -110,14 +116,8 @@ class ConnectionSlots:
             while self._acquiring or self._releasing:
                 acquiring, self._acquiring = self._acquiring[:FLUSH_BATCH], self._acquiring[FLUSH_BATCH:]
                 releasing, self._releasing = self._releasing[:FLUSH_BATCH], self._releasing[FLUSH_BATCH:]
-                pipe = self._client.pipeline(transaction=False)
-                for user_id, connection_id, _ in acquiring:
-                    args = [connection_id, self.max_per_user, self.lease_ms]
-                    await self._acquire(keys=[SLOTS_PREFIX + user_id], args=args, client=pipe)
-                for user_id, connection_id in releasing:
-                    pipe.zrem(SLOTS_PREFIX + user_id, connection_id)
                 try:
-                    results: list[object] = await pipe.execute(raise_on_error=False)
+                    results = await self._send(acquiring, releasing)
                 except BUS_ERRORS as exc:
                     # Fail open (count locally); a release that fails expires with its lease.
                     log("connection_cap_unavailable", logging.WARNING, reason=type(exc).__name__)
@@ -132,11 +132,40 @@ class ConnectionSlots:
                 if not future.done():
                     future.set_result(self._locally_free(user_id))
 
+    async def _send(
+        self, acquiring: list[tuple[str, str, asyncio.Future[bool]]], releasing: list[tuple[str, str]]
+    ) -> list[object]:
+        """One batch of acquisitions (their results, in order) and releases."""
+        assert self._client is not None and self._acquire is not None
+        if self._cluster:
+            calls = [
+                self._acquire(keys=[SLOTS_PREFIX + user_id], args=[connection_id, self.max_per_user, self.lease_ms])
+                for user_id, connection_id, _ in acquiring
+            ]
+            calls.extend(
+                self._client.zrem(SLOTS_PREFIX + user_id, connection_id) for user_id, connection_id in releasing
+            )
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            if results and all(isinstance(result, BUS_ERRORS) for result in results):
+                raise next(result for result in results if isinstance(result, BaseException))
+            return list(results)
+        pipe = self._client.pipeline(transaction=False)
+        for user_id, connection_id, _ in acquiring:
+            args = [connection_id, self.max_per_user, self.lease_ms]
+            await self._acquire(keys=[SLOTS_PREFIX + user_id], args=args, client=pipe)
+        for user_id, connection_id in releasing:
+            pipe.zrem(SLOTS_PREFIX + user_id, connection_id)
+        return list(await pipe.execute(raise_on_error=False))
+
     async def renew_all(self) -> int:
         """Extend every lease this node holds (and re-register them after a Redis loss)."""
         if self._renew is None:
             return 0
         pairs = [(user, conn) for user, conns in self._local.items() for conn in conns]
+        if self._cluster:  # one slot per user: one single-key call per lease, a batch at a time
+            for batch in _batches(pairs, RENEW_BATCH):
+                await asyncio.gather(*(self._renew(keys=[SLOTS_PREFIX + u], args=[self.lease_ms, c]) for u, c in batch))
+            return len(pairs)
         for batch in _batches(pairs, RENEW_BATCH):
             await self._renew(keys=[SLOTS_PREFIX + u for u, _ in batch], args=[self.lease_ms, *(c for _, c in batch)])
         return len(pairs)

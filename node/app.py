@@ -18,10 +18,12 @@ from aiohttp import web
 from cluster import protocol
 from cluster.auth import AuthError, TokenVerifier
 from cluster.broker import BUS_ERRORS, Broker, MemoryBroker, RedisBroker
+from cluster.broker_cluster import ClusterBroker
 from cluster.history import History
 from cluster.logs import configure, log
 from cluster.membership import Membership
 from cluster.process import StartupError, add_metrics_route, run_process, run_with_app, serve_app
+from cluster.redis_url import is_cluster_url
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from node.endpoint import NODE_STATE, websocket_handler
@@ -47,7 +49,8 @@ class NodeState:
         client = broker.client if isinstance(broker, RedisBroker) else None
         self.slots = ConnectionSlots(client, settings.max_connections_per_user, settings.connection_lease_seconds)
         self.draining = False
-        history = History(client, settings.history_size) if client is not None else None
+        cluster = isinstance(broker, ClusterBroker)
+        history = History(client, settings.history_size, cluster=cluster) if client is not None else None
         self.recovery = Recovery(self.hub, history, settings.max_envelope_bytes)
         self.bus_position: str | None = None  # history position while the bus was last up
         self._bus_was_up = False
@@ -175,7 +178,8 @@ def create_app(
 ) -> web.Application:
     app = web.Application(client_max_size=settings.max_frame_bytes)
     if broker is None:
-        broker = RedisBroker(
+        broker_class = ClusterBroker if is_cluster_url(settings.redis_url) else RedisBroker
+        broker = broker_class(
             settings.redis_url, linger_seconds=settings.bus_linger_seconds, name=settings.effective_node_id
         )
     state = NodeState(settings, broker, membership)

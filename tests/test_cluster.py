@@ -33,6 +33,8 @@ from conftest import (
     wait_until,
 )
 
+from cluster.membership import NODE_KEY_PREFIX
+
 USERS = [f"member-{i}" for i in range(3000)]
 
 
@@ -253,7 +255,7 @@ def test_two_pushctl_ups_on_one_redis_stay_separate(private_redis):
             with urllib.request.urlopen(request, timeout=5) as response:
                 [node] = orjson.loads(response.read())["nodes"]
             assert (node["id"], node["url"]) == ("node-1", f"ws://127.0.0.1:{up.port + 1}/ws"), "each its own node-1"
-        info = orjson.loads(private_redis.client().hget("push:node:node-1", "info"))
+        info = orjson.loads(private_redis.client().hget(NODE_KEY_PREFIX + "node-1", "info"))
         assert info["url"] == f"ws://127.0.0.1:{first.port + 1}/ws", "the first cluster's node-1 was not taken over"
         assert second.interrupt() == 0
         assert first.interrupt() == 0
