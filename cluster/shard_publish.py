@@ -7,7 +7,9 @@ each on the shard that owns it, in this order:
    in one pipeline with ``WAIT <replicas> <ms>`` so that an acknowledged event
    is on a replica before anyone is told about it: a master SIGKILLed right
    after cannot take it away (when no replica confirms in time the event is
-   still published, and counted in ``sdk_unreplicated_events_total``);
+   still published, and counted in ``sdk_unreplicated_events_total``; that
+   shard is then not waited on for 5 s, so a master left without replicas
+   after a failover does not cost every publish the timeout);
    a public or broadcast event is PUBLISHed (classic pub/sub) by the same script;
 2. a private event: ``SPUBLISH push:user:{<userId>}`` on the user's shard;
 3. then ``SPUBLISH push:admin:{<n>}`` (the admin channels are spread over
@@ -49,6 +51,7 @@ T = TypeVar("T")
 RETRY_SECONDS = 30.0
 WAIT_REPLICAS = 1
 WAIT_TIMEOUT_MS = 200
+UNREPLICATED_BACKOFF_SECONDS = 5.0
 REGISTER_FRACTION = 0.1  # re-add a channel to its domain's set this often (share of the retention)
 SHARD_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError, RedisClusterException)
 MOVING_REPLIES = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY", "MASTERDOWN")
@@ -69,6 +72,7 @@ class ShardedPublisher:
         self._cluster: RedisCluster = async_client(url)  # type: ignore[assignment]
         self._shards: dict[tuple[str, int], aioredis.Redis] = {}
         self._registered: dict[str, float] = {}  # channel -> monotonic time it was last added to its domain set
+        self._unreplicated_until: dict[tuple[str, int], float] = {}  # shard -> when to WAIT for replicas again
         self._ready = False
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
@@ -128,14 +132,18 @@ class ShardedPublisher:
 
     async def _store(self, stream: str, args: list[Any]) -> None:
         async def run(shard: aioredis.Redis) -> None:
+            address = _address(shard)
+            wait = self.wait_replicas > 0 and self._unreplicated_until.get(address, 0.0) <= time.monotonic()
             pipe = shard.pipeline(transaction=False)
             script = shard.register_script(CLUSTER_PUBLISH_SCRIPT)
             await script(keys=[stream], args=args, client=pipe)
-            if self.wait_replicas > 0:
+            if wait:
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             replies = await pipe.execute()
-            if self.wait_replicas > 0 and int(replies[-1]) < self.wait_replicas:
+            if not wait or int(replies[-1]) < self.wait_replicas:
                 SDK_UNREPLICATED.inc()
+                if wait:  # no replica now (one just took over): do not pay the timeout on every publish
+                    self._unreplicated_until[address] = time.monotonic() + UNREPLICATED_BACKOFF_SECONDS
 
         await self._on_owner(stream, run)
 
@@ -170,3 +178,8 @@ class ShardedPublisher:
                 await self._cluster.nodes_manager.initialize()
             except (*SHARD_ERRORS, ResponseError):
                 continue  # the next attempt asks again
+
+
+def _address(shard: aioredis.Redis) -> tuple[str, int]:
+    kwargs = shard.connection_pool.connection_kwargs
+    return (str(kwargs.get("host")), int(kwargs.get("port", 0)))

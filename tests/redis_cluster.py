@@ -67,6 +67,8 @@ class RedisClusterProcesses:
                     "--save", "",
                     "--appendonly", "no",
                     "--dir", str(workdir),
+                    "--logfile", "redis.log",
+                    "--repl-diskless-sync-delay", "0",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -81,10 +83,13 @@ class RedisClusterProcesses:
         self._wait(self._healthy, "the cluster to be ok on every node")
 
     def _healthy(self) -> bool:
+        """Every node sees the cluster ok, and every replica has synced (a replica that never did cannot fail over)."""
         for port in self.procs:
-            info = redis.Redis(port=port).execute_command("CLUSTER", "INFO")
-            text = info.decode() if isinstance(info, bytes) else str(info)
-            if "cluster_state:ok" not in text:
+            node = redis.Redis(port=port)
+            if not self._state_ok(node):
+                return False
+            replication = node.info("replication")
+            if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
                 return False
         client = self.client()
         try:
@@ -143,7 +148,8 @@ class RedisClusterProcesses:
     def _state_ok(client: redis.Redis) -> bool:
         return "cluster_state:ok" in client.execute_command("CLUSTER", "INFO").decode()
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> None:
         for port in list(self.procs):
             self.kill(port)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.dir, ignore_errors=True)
