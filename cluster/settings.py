@@ -50,7 +50,11 @@ class Settings:
         "PUSH_METRICS_PORT",
         "Serve /metrics on this port only, apart from client traffic; 0 serves it on PUSH_PORT.",
     )
-    redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis event bus.")
+    redis_url: str = _setting(
+        "redis://127.0.0.1:6379/0",
+        "REDIS_URL",
+        "Redis event bus: redis://host:port/db for one server, redis+cluster://host:port[,host:port] for a Redis Cluster (docs/OPERATIONS.md).",
+    )
     # --- authentication ------------------------------------------------------
     jwt_secret: str = _setting("", "PUSH_JWT_SECRET", "HS256 secret for client tokens.")
     jwt_public_key: str = _setting(
