@@ -7,7 +7,8 @@ A Redis Cluster carries two kinds of pub/sub:
   and the admin channels ``push:admin:{<n>}`` travel this way, so private
   events, the bulk of the bus, spread over the shards;
 - classic (SUBSCRIBE/PSUBSCRIBE/PUBLISH): every message is broadcast to every
-  node of the cluster. ``events:<channel>`` (public and broadcast events, the
+  node of the cluster. User and admin channels are held here too, so that a
+  routed message sent with a plain PUBLISH (as another language may) arrives. ``events:<channel>`` (public and broadcast events, the
   plain-PUBLISH compatibility path, wildcard patterns) and ``spirit:events``
   stay classic: a wildcard subscription must see every channel it matches,
   and sharded messages are invisible to PSUBSCRIBE. Their cost is that every
@@ -120,9 +121,11 @@ class ShardedBus:
         self._send(names, subscribe=False)
 
     def _send(self, names: list[BusName], *, subscribe: bool) -> None:
-        classic = [name for name in names if not is_sharded(name)]
-        if classic:
-            (self.classic.subscribe if subscribe else self.classic.unsubscribe)(classic)
+        # Every name is also held on the classic connection: a routed message sent with a
+        # plain PUBLISH on push:user:{…} or push:admin (SPEC §3, docs/BUS.md) still arrives.
+        # The SDK only SPUBLISHes those, so nothing arrives twice from it.
+        if names:
+            (self.classic.subscribe if subscribe else self.classic.unsubscribe)(names)
         grouped = self._owners([name for name in names if is_sharded(name)])
         if grouped is None:  # the slot map changed under us: start over with a fresh one
             self.fail(ConnectionError("a sharded channel's master is not connected (slot map changed)"))

@@ -20,7 +20,7 @@ On a Redis Cluster every script must stay in one slot, so history is kept per
 channel: the stream is ``push:history:{<channel>}`` (the channel is its hash
 tag), its entry ids come from XADD on the owning shard (``<ms>-<seq>``, exact per
 channel), and ``CLUSTER_PUBLISH_SCRIPT`` writes it alone; the SDK publishes the
-live message around it (:mod:`cluster.shard_publish`). Channels of different
+live message after it (:mod:`cluster.shard_publish`). Channels of different
 shards then order by the shards' clocks: recovery is exact per channel and in
 time order across channels. The epoch stays one key (``push:epoch``).
 """
@@ -75,14 +75,13 @@ return redis.call('PUBLISH', ARGV[1], ARGV[2])
 
 CLUSTER_PUBLISH_SCRIPT = """
 -- Redis Cluster: KEYS: 1 stream of the channel (push:history:{<channel>})
--- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms,
---       5 bus channel to PUBLISH the envelope on ('' when the caller publishes it: private events)
+-- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms
+-- Only stores: the caller publishes the live message afterwards (cluster/shard_publish.py).
 local retention = tonumber(ARGV[4])
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'i', ARGV[2], 'e', ARGV[1])
 local ms = tonumber(string.match(id, '^(%d+)'))
 redis.call('XTRIM', KEYS[1], 'MINID', ms - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[1]) end
 return id
 """
 

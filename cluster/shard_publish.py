@@ -10,10 +10,15 @@ each on the shard that owns it, in this order:
    still published, and counted in ``sdk_unreplicated_events_total``; that
    shard is then not waited on for 5 s, so a master left without replicas
    after a failover does not cost every publish the timeout);
-   a public or broadcast event is PUBLISHed (classic pub/sub) by the same script;
-2. a private event: ``SPUBLISH push:user:{<userId>}`` on the user's shard;
-3. then ``SPUBLISH push:admin:{<n>}`` (the admin channels are spread over
-   16 slots, see :func:`cluster.bus_routing.admin_shard_channel`).
+2. a public or broadcast event: ``PUBLISH events:<channel>`` (classic pub/sub,
+   which the cluster broadcasts to every shard), always through the same master
+   (the owner of ``push:public``): messages sent from different masters reach a
+   subscriber over different cluster-bus links, and one publisher's events on
+   different channels would then arrive out of order;
+3. a private event: ``SPUBLISH push:user:{<userId>}`` on the user's shard (one
+   user's events keep their order), then ``SPUBLISH push:admin:{<n>}`` (the
+   admin channels are spread over 16 slots, see
+   :func:`cluster.bus_routing.admin_shard_channel`).
 
 History comes first, so a client that misses the live message (its node was
 re-subscribing after a failover) finds the event when it recovers. A step that
@@ -52,6 +57,7 @@ RETRY_SECONDS = 30.0
 WAIT_REPLICAS = 1
 WAIT_TIMEOUT_MS = 200
 UNREPLICATED_BACKOFF_SECONDS = 5.0
+PUBLIC_ROUTE_KEY = "push:public"  # public events are PUBLISHed on the master owning this key's slot
 REGISTER_FRACTION = 0.1  # re-add a channel to its domain's set this often (share of the retention)
 SHARD_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError, RedisClusterException)
 MOVING_REPLIES = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "READONLY", "MASTERDOWN")
@@ -92,15 +98,15 @@ class ShardedPublisher:
         if not self._ready:
             await self._retrying(self._prepare)
         await self._register(channel, retention_ms)
-        bus = "" if user_id is not None else EVENTS_PREFIX + channel
         stream = cluster_stream_key(channel)
-        await self._retrying(
-            lambda: self._store(stream, [envelope, event_id, max_events, retention_ms, bus]),
-        )
-        if user_id is not None:
-            routed = routed_message(channel, envelope)
-            for bus_channel in (user_channel(user_id), admin_shard_channel(user_id)):
-                await self._retrying(lambda c=bus_channel: self._on_owner(c, lambda shard: shard.spublish(c, routed)))
+        await self._retrying(lambda: self._store(stream, [envelope, event_id, max_events, retention_ms]))
+        if user_id is None:
+            bus = EVENTS_PREFIX + channel
+            await self._retrying(lambda: self._on_owner(PUBLIC_ROUTE_KEY, lambda shard: shard.publish(bus, envelope)))
+            return
+        routed = routed_message(channel, envelope)
+        for bus_channel in (user_channel(user_id), admin_shard_channel(user_id)):
+            await self._retrying(lambda c=bus_channel: self._on_owner(c, lambda shard: shard.spublish(c, routed)))
 
     async def close(self) -> None:
         for shard in self._shards.values():

@@ -91,6 +91,29 @@ async def test_private_keyed_and_wildcard_events_reach_exactly_their_subscribers
     assert [e["data"]["id"] for e in market] == [e["id"] for e in published[3:]]
 
 
+async def test_a_plain_publish_on_a_user_channel_still_reaches_the_user(
+    redis_cluster: RedisClusterProcesses, cluster_nodes: list[NodeProcess], connect: Any
+) -> None:
+    """Another language may send the routed message with a plain PUBLISH (docs/BUS.md): classic pub/sub carries it."""
+    import orjson
+
+    from cluster.envelope import build_envelope
+
+    client = await connect(cluster_nodes[0], token=token("plain-user"))
+    await client.subscribe(["risk.*"])
+    envelope = build_envelope("risk.alert", {"level": "high"}, source="risk-manager", user_id="plain-user")
+    routed = b"risk.alert " + orjson.dumps(envelope)
+    cluster = redis_cluster.client()
+    try:
+        cluster.publish(user_channel("plain-user"), routed)
+        cluster.publish(user_channel("another-user"), routed.replace(b"plain-user", b"another-user"))
+    finally:
+        cluster.close()
+    [event] = await client.events(1)
+    assert event["data"]["id"] == envelope["id"]
+    await client.no_event(0.3)
+
+
 async def test_recovery_with_since_replays_what_was_missed_across_shards(
     redis_cluster: RedisClusterProcesses, cluster_nodes: list[NodeProcess], connect: Any
 ) -> None:
