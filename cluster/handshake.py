@@ -15,7 +15,7 @@ from aiohttp import web
 from cluster import protocol
 from cluster.auth import ANONYMOUS, AuthError, Identity, TokenVerifier
 from cluster.metrics import CONNECTIONS_REJECTED, PROTOCOL_ERRORS
-from cluster.protocol import ErrorCode
+from cluster.protocol import CloseCode, ErrorCode
 from cluster.settings import Settings
 
 REJECT_CLOSE_TIMEOUT_SECONDS = 2.0
@@ -57,5 +57,16 @@ async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code:
     try:
         await ws.send_str(protocol.error(code, message))
         await asyncio.wait_for(ws.close(code=close_code, message=message.encode()[:120]), REJECT_CLOSE_TIMEOUT_SECONDS)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass  # the client left first
+
+
+async def send_elsewhere(ws: web.WebSocketResponse, reason: str) -> None:
+    """Send a client back through the router: ``reconnect``, then close 1012 (SPEC §4). Never raises."""
+    try:
+        await ws.send_str(protocol.reconnect(reason))
+        await asyncio.wait_for(
+            ws.close(code=CloseCode.RECONNECT, message=reason.encode()[:120]), REJECT_CLOSE_TIMEOUT_SECONDS
+        )
     except (TimeoutError, ConnectionError, RuntimeError):
         pass  # the client left first

@@ -176,9 +176,9 @@ def push_env(**settings: str) -> dict[str, str]:
 def start_node(
     redis_url: str, *, node_id: str = "load-1", port: int | None = None, cpus: set[int] | None = None, **settings: str
 ) -> tuple[Child, int]:
-    """`pushctl node` (as ``python -m cluster.cli node``) on a free port, waited for /readyz."""
+    """`pushctl node` (as ``python -m pushctl.cli node``) on a free port, waited for /readyz."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "cluster.cli", "node", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "pushctl.cli", "node", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--node-id", node_id, "--redis-url", redis_url]
     child = Child(f"node-{node_id}-{port}", argv, env=push_env(**settings), cpus=cpus)
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), START_TIMEOUT, f"node {node_id}", child)
@@ -188,7 +188,7 @@ def start_node(
 def router_available() -> bool:
     """Whether this checkout has `pushctl router` (it is being built separately)."""
     probe = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "router", "--help"],
+        [sys.executable, "-m", "pushctl.cli", "router", "--help"],
         cwd=ROOT,
         env=push_env(),
         capture_output=True,
@@ -199,7 +199,7 @@ def router_available() -> bool:
 
 def start_router(redis_url: str, *, port: int | None = None, **settings: str) -> tuple[Child, int]:
     port = port or free_port()
-    argv = [sys.executable, "-m", "cluster.cli", "router", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "pushctl.cli", "router", "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--redis-url", redis_url]
     child = Child(f"router-{port}", argv, env=push_env(**settings))
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), START_TIMEOUT, "router", child)

@@ -1,7 +1,7 @@
 """The router's ``/ws``: admit a client, pick its node on the ring, relay frames both ways.
 
 Admission uses the node's own rules and codes (SPEC §4–§5, the functions of
-:mod:`node.endpoint`), after the upgrade so browsers can see why: per-IP rate
+:mod:`cluster.handshake`), after the upgrade so browsers can see why: per-IP rate
 (RATE_LIMITED, 1008), Origin (4003), token (4001). Then the owning node of the
 token's ``sub`` (a random key for anonymous clients) is dialled with the
 client's query string, ``Authorization`` and ``Origin``, and its IP in
@@ -25,11 +25,10 @@ import logging
 from itertools import islice
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from cluster import protocol
 from cluster.auth import AuthError
-from cluster.handshake import authenticate, origin_allowed, reject, token_from_request
+from cluster.handshake import authenticate, origin_allowed, reject, send_elsewhere, token_from_request
 from cluster.logs import RateLimitedLog, log
 from cluster.metrics import (
     AUTH_FAILURES,
@@ -42,20 +41,15 @@ from cluster.metrics import (
 from cluster.protocol import CloseCode, ErrorCode
 from cluster.ring import routing_key
 from router.admission import client_ip
+from router.relay import Relay
 from router.state import ROUTER_STATE, RouterState
 
 CONNECT_ATTEMPTS = 2  # the owner, then the next node on the ring
 CLOSE_TIMEOUT_SECONDS = 2.0
 FORWARDED_HEADERS = ("Authorization", "Origin", "User-Agent")
-DATA_FRAMES = (WSMsgType.TEXT, WSMsgType.BINARY)
 
 _log_rejected = RateLimitedLog(per_second=5)
 _log_proxy_error = RateLimitedLog(per_second=5)
-
-
-def sendable_close_code(code: int | None) -> bool:
-    """Whether ``code`` may be put in a close frame (RFC 6455 §7.4)."""
-    return code is not None and (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999)
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -66,7 +60,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if state.draining:
         ws = await _accept(request, state)
         CONNECTIONS_REJECTED.labels("draining").inc()
-        await _send_reconnect(ws, "router is stopping")
+        await send_elsewhere(ws, "router is stopping")
         return ws
     if not state.limiter.allow(ip, asyncio.get_running_loop().time()):
         _log_rejected("connection_rejected", logging.WARNING, reason="rate_limited", remote=ip)
@@ -177,97 +171,3 @@ def _ws_url(internal_url: str) -> str:
     if base.startswith("http://"):
         return "ws://" + base[len("http://") :] + "/ws"
     return base + "/ws"
-
-
-async def _send_reconnect(ws: web.WebSocketResponse, reason: str) -> None:
-    try:
-        await ws.send_str(protocol.reconnect(reason))
-        await ws.close(code=CloseCode.RECONNECT, message=reason.encode()[:120])
-    except (ConnectionError, RuntimeError):
-        pass  # the client left first
-
-
-class Relay:
-    """One proxied connection: client frames go to the node, node frames go to the client."""
-
-    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, node_id: str) -> None:
-        self.client = client
-        self.upstream = upstream
-        self.node_id = node_id
-        self.finished = False  # one side ended; the other is being closed
-        self.reason = ""
-        self.code: int | None = None
-
-    async def run(self) -> None:
-        downstream = asyncio.get_running_loop().create_task(self._node_to_client())
-        try:
-            await self._client_to_node()
-            if not self.upstream.closed:  # the client side ended first (or the router is stopping)
-                await self.upstream.close(code=1001, message=b"client went away")
-            await downstream
-        finally:
-            if not downstream.done():
-                downstream.cancel()
-            if not self.upstream.closed:
-                await self.upstream.close(code=1001, message=b"client went away")
-
-    async def _client_to_node(self) -> None:
-        client, upstream = self.client, self.upstream
-        while True:
-            msg = await client.receive()
-            kind = msg.type
-            if kind in DATA_FRAMES:
-                try:
-                    await upstream.send_frame(msg.data, kind)
-                except (ConnectionError, RuntimeError):
-                    continue  # the node is going away; _node_to_client sees how and tells the client
-                continue
-            if self.finished:
-                return
-            self.finished = True
-            if kind is WSMsgType.CLOSE:
-                code = msg.data if sendable_close_code(msg.data) else 1000
-                self.reason, self.code = "client closed", msg.data
-                await self.upstream.close(code=code, message=(msg.extra or "").encode()[:120])
-            else:
-                self.reason, self.code = "client lost", client.close_code
-                await self.upstream.close(code=1001, message=b"client went away")
-            return
-
-    async def _node_to_client(self) -> None:
-        client, upstream = self.client, self.upstream
-        while True:
-            msg = await upstream.receive()
-            kind = msg.type
-            if kind in DATA_FRAMES:
-                try:
-                    await client.send_frame(msg.data, kind)
-                except (ConnectionError, RuntimeError):
-                    pass  # the client is gone; _client_to_node sees it and closes the node side
-                continue
-            if self.finished:
-                return
-            self.finished = True
-            if kind is WSMsgType.CLOSE and sendable_close_code(msg.data):
-                self.reason, self.code = "node closed", msg.data
-                await _close(client, msg.data, msg.extra or "")
-            else:
-                ROUTER_PROXY_ERRORS.labels("upstream_lost").inc()
-                self.reason, self.code = "node lost", CloseCode.RECONNECT
-                await _send_reconnect(client, "push node lost")
-            return
-
-    async def reconnect(self, reason: str) -> None:
-        """Send the client back through the router (this router is stopping)."""
-        if self.finished:
-            return
-        self.finished = True
-        self.reason, self.code = reason, CloseCode.RECONNECT
-        await _send_reconnect(self.client, reason)
-
-
-async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
-    try:
-        await ws.close(code=code, message=reason.encode()[:120])
-    except (ConnectionError, RuntimeError):
-        pass  # the client left first

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -15,9 +15,7 @@ from cluster.metrics import ROUTER_NODES, ROUTER_PROXIED_CONNECTIONS, ROUTER_RED
 from cluster.ring import Ring
 from cluster.settings import Settings
 from router.admission import ConnectionRateLimiter
-
-if TYPE_CHECKING:
-    from router.proxy import Relay
+from router.relay import Relay
 
 DRAIN_CONCURRENCY = 100
 

@@ -26,7 +26,7 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-PUSHCTL = [sys.executable, "-m", "cluster.cli"]
+PUSHCTL = [sys.executable, "-m", "pushctl.cli"]
 JWT_SECRET = "test-secret-for-delta-push-0123456789abcdef"
 START_TIMEOUT = 15.0
 

@@ -95,7 +95,7 @@ async def test_client_refreshes_its_token_before_expiry(start_node):
 def test_pushctl_tail_prints_published_events(start_node):
     node = start_node("tail")
     tail = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "tail", "market.ticker:BTC/USDT", "--url", node.url, "--count", "1"],
+        [sys.executable, "-m", "pushctl.cli", "tail", "market.ticker:BTC/USDT", "--url", node.url, "--count", "1"],
         cwd=ROOT,
         env=node_env(),
         stdout=subprocess.PIPE,

@@ -40,8 +40,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import cluster.metrics
 from cluster.broker import MemoryBroker
-from cluster.cli import build_parser
 from cluster.settings import SETTINGS, Settings
+from pushctl.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -138,10 +138,10 @@ def check_pushctl_argv(argv: list[str], where: str) -> None:
     assert argv, f"{where}: no command"
     script = Path(argv[0]).name
     assert script in console_scripts(), f"{where}: {argv[0]!r} is not a console script of pyproject.toml"
-    assert console_scripts()[script] == "cluster.cli:main"
+    assert console_scripts()[script] == "pushctl.cli:main"
     subcommand = argv[1] if len(argv) > 1 else ""
     if subcommand in SPEC_SUBCOMMANDS and subcommand not in pushctl_subcommands():
-        pytest.skip(f"`pushctl {subcommand}` (SPEC §10) is not registered in cluster/cli.py yet")
+        pytest.skip(f"`pushctl {subcommand}` (SPEC §10) is not registered in pushctl/cli.py yet")
     try:
         build_parser().parse_args(argv[1:])
     except SystemExit as exc:
@@ -1142,4 +1142,4 @@ def test_operations_commands_and_settings_exist() -> None:
             except SystemExit as exc:
                 raise AssertionError(f"docs/OPERATIONS.md: pushctl rejects {shlex.join(argv)}") from exc
     if missing:
-        pytest.skip(f"pushctl {missing} (SPEC §10) not registered in cluster/cli.py yet; the rest checked")
+        pytest.skip(f"pushctl {missing} (SPEC §10) not registered in pushctl/cli.py yet; the rest checked")

@@ -175,7 +175,7 @@ async def test_pushctl_publish_and_router_work_on_a_cluster_url(
         assert client.welcome["node"] in {node.node_id for node in cluster_nodes}
         await client.subscribe(["order.*"])
         done = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "publish", "order.filled", "--payload", '{"via":"cli"}',
+            [sys.executable, "-m", "pushctl.cli", "publish", "order.filled", "--payload", '{"via":"cli"}',
              "--user", "cli-user", "--redis-url", redis_cluster.url],
             env=node_env(), cwd=ROOT, capture_output=True, timeout=30, check=False,
         )  # fmt: skip

@@ -8,7 +8,7 @@ from cluster.auth import ANONYMOUS, Identity
 from cluster.membership import NodeInfo
 from cluster.ring import Ring, routing_key
 from router.admission import ConnectionRateLimiter
-from router.proxy import sendable_close_code
+from router.relay import sendable_close_code
 
 USERS = [f"user-{i}" for i in range(10_000)]
 

@@ -7,7 +7,7 @@ and router sharing an in-memory bus and membership. A second ``up`` on the same
 machine therefore gets a Redis of its own instead of taking over the first
 one's node ids (Redis pub/sub channels are not per database, so a db number
 alone would not keep two buses apart). The router listens on ``--port`` (8080) and
-nodes on the ports after it (8081…), each a ``python -m cluster.cli``
+nodes on the ports after it (8081…), each a ``python -m pushctl.cli``
 subprocess in its own session, so Ctrl-C reaches only ``up``, which then stops
 them in order (router and nodes drain, then the private Redis) and exits.
 Children also get SIGTERM if ``up`` itself dies (Linux ``PR_SET_PDEATHSIG``).
@@ -145,7 +145,7 @@ class LocalCluster:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", *command, "--redis-url", self.settings.redis_url],
+            [sys.executable, "-m", "pushctl.cli", *command, "--redis-url", self.settings.redis_url],
             env=self.env,
             cwd=ROOT,
             start_new_session=True,

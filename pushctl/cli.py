@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import orjson
 
-from cluster.local_cluster import ROUTER_PORT, add_up_flags, safe_url
 from cluster.settings import add_setting_flags, settings_from_args
+from pushctl.local_cluster import ROUTER_PORT, add_up_flags, safe_url
 
 NODE_FLAGS = None  # every setting is a flag of `pushctl node`
 
@@ -154,7 +154,7 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cluster.local_cluster import up
+    from pushctl.local_cluster import up
 
     return up(args)
 
