@@ -8,7 +8,9 @@ It connects through the router (or straight to a node), subscribes with one
 handler per pattern, and on any disconnect — a crash, ``reconnect`` + 1012 from
 a draining node, a network error — reconnects with exponential backoff and full
 jitter, then resubscribes with the last cursor of each subscription so the node
-replays what was missed. Events are deduplicated by id (a bounded window), the
+replays what was missed. An event reaches the handler of every subscription whose
+patterns match it, once each (as in the browser client: ``order.*`` and
+``order.filled`` both see an ``order.filled``). Events are deduplicated by id (a bounded window), the
 token is refreshed before expiry through a callback, and ``lagged`` and
 ``recovered: false`` are surfaced to the application through callbacks.
 
@@ -30,14 +32,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 
+from cluster import protocol
 from cluster.channels import ChannelError, Pattern, parse_channel, parse_pattern
+from cluster.envelope import PRIORITY_RANK
 
 Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 TokenSource = Callable[[], Awaitable[str] | str]
 
 DEDUP_WINDOW = 10_000
+DEFAULT_PRIORITY = "p2"  # an envelope without priority (SPEC §2)
 REFRESH_BEFORE_SECONDS = 30.0
 FATAL_CLOSE_CODES = {4001, 4003, 4029}  # retrying cannot help without a new token or fewer connections
 
@@ -55,6 +59,13 @@ class ClientSubscription:
 
     def __post_init__(self) -> None:
         self.parsed = [parse_pattern(p) for p in self.patterns]
+
+    def admits(self, envelope: dict[str, Any] | None) -> bool:
+        """Whether the event's priority is within this subscription's ``priority`` (absent: p2)."""
+        if self.priority is None:
+            return True
+        priority = (envelope or {}).get("priority") or DEFAULT_PRIORITY
+        return PRIORITY_RANK.get(priority, PRIORITY_RANK[DEFAULT_PRIORITY]) <= PRIORITY_RANK[self.priority]
 
     def matches(self, channel_name: str) -> bool:
         try:
@@ -135,7 +146,7 @@ class PushClient:
     async def unsubscribe(self, subscription: ClientSubscription) -> None:
         self.subscriptions.remove(subscription)
         if self._ws is not None and not self._ws.closed:
-            await self._send({"action": "unsubscribe", "channels": subscription.patterns, "id": self._next_id()})
+            await self._send(protocol.unsubscribe_request(subscription.patterns, self._next_id()))
 
     async def wait_closed(self) -> None:
         if self._task is not None:
@@ -188,29 +199,31 @@ class PushClient:
             async for msg in self._ws:
                 if msg.type is not aiohttp.WSMsgType.TEXT:
                     break
-                doc = orjson.loads(msg.data)
-                action = doc.get("action")
-                if action == "event":
-                    await self._on_event(doc)
-                elif action == "welcome":
-                    self.welcome = doc
+                try:
+                    message = protocol.parse_server_message(msg.data)
+                except protocol.ProtocolError:
+                    continue  # not ours to act on (a broken proxy); the node's next frame is
+                if isinstance(message, protocol.Event):
+                    await self._on_event(message)
+                elif isinstance(message, protocol.Welcome):
+                    self.welcome = message.doc
                     self.connects += 1
                     self._set_state("connected")
                     self.connected.set()
                     for subscription in self.subscriptions:
                         await self._send_subscribe(subscription)
-                    if self._get_token is not None and doc.get("expiresAt"):
-                        refresher = asyncio.create_task(self._refresh_loop(doc["expiresAt"]))
-                elif action == "ack":
-                    self._on_ack(doc)
-                elif action == "lagged" and self._on_lagged is not None:
-                    await _call(self._on_lagged, doc)
-                elif action == "error" and self._on_error is not None:
-                    await _call(self._on_error, doc)
-                elif action == "authenticated" and refresher is not None:
+                    if self._get_token is not None and message.expires_at:
+                        refresher = asyncio.create_task(self._refresh_loop(message.expires_at))
+                elif isinstance(message, protocol.Ack):
+                    self._on_ack(message)
+                elif isinstance(message, protocol.Lagged) and self._on_lagged is not None:
+                    await _call(self._on_lagged, message.doc)
+                elif isinstance(message, protocol.ErrorMessage) and self._on_error is not None:
+                    await _call(self._on_error, message.doc)
+                elif isinstance(message, protocol.Authenticated) and refresher is not None and message.expires_at:
                     refresher.cancel()
-                    refresher = asyncio.create_task(self._refresh_loop(doc["expiresAt"]))
-                elif action == "reconnect":
+                    refresher = asyncio.create_task(self._refresh_loop(message.expires_at))
+                elif isinstance(message, protocol.Reconnect):
                     self._set_state("reconnecting")
         finally:
             if refresher is not None:
@@ -231,62 +244,58 @@ class PushClient:
         await asyncio.sleep(remaining - min(REFRESH_BEFORE_SECONDS, remaining / 2))
         token = await self._current_token()
         if token:
-            await self._send({"action": "auth", "token": token})
+            await self._send(protocol.auth_request(token))
 
     # --- subscriptions and events ---------------------------------------------------------
 
     def _next_id(self) -> str:
         return f"c{next(self._ids)}"
 
-    async def _send(self, doc: dict[str, Any]) -> None:
+    async def _send(self, frame: str) -> None:
         if self._ws is not None and not self._ws.closed:
-            await self._ws.send_str(orjson.dumps(doc).decode())
+            await self._ws.send_str(frame)
 
     async def _send_subscribe(self, subscription: ClientSubscription) -> None:
         subscription.request_id = self._next_id()
         subscription.acked.clear()
-        options: dict[str, Any] = {}
-        if subscription.priority:
-            options["priority"] = subscription.priority
-        if subscription.limit:
-            options["limit"] = subscription.limit
-        if subscription.cursor:
-            options["since"] = subscription.cursor
-        message: dict[str, Any] = {
-            "action": "subscribe",
-            "channels": subscription.patterns,
-            "id": subscription.request_id,
-        }
-        if options:
-            message["options"] = options
-        await self._send(message)
+        await self._send(
+            protocol.subscribe_request(
+                subscription.patterns,
+                subscription.request_id,
+                priority=subscription.priority,
+                limit=subscription.limit or None,
+                since=subscription.cursor,
+            )
+        )
 
-    def _on_ack(self, doc: dict[str, Any]) -> None:
+    def _on_ack(self, ack: protocol.Ack) -> None:
+        lost = ack.unrecovered
         for subscription in self.subscriptions:
-            if subscription.request_id != doc.get("id"):
+            if subscription.request_id != ack.id:
                 continue
-            lost = [name for name, ok in (doc.get("recovered") or {}).items() if not ok]
             if lost and self._on_unrecovered is not None:
                 self._spawn(_call(self._on_unrecovered, lost))
             if subscription.cursor is None or lost:
-                subscription.cursor = doc.get("cursor") or subscription.cursor
+                subscription.cursor = ack.cursor or subscription.cursor
             subscription.acked.set()
         if self._ack_callback is not None:
-            self._spawn(_call(self._ack_callback, doc))
+            self._spawn(_call(self._ack_callback, ack.doc))
 
-    async def _on_event(self, doc: dict[str, Any]) -> None:
-        channel = doc.get("channel", "")
-        event_id = doc.get("data", {}).get("id")
-        targets = [s for s in self.subscriptions if s.matches(channel)]
+    async def _on_event(self, event: protocol.Event) -> None:
+        """Every subscription whose patterns match and whose priority admits it gets the event, once each
+        (the browser client's rule)."""
+        targets = [s for s in self.subscriptions if s.matches(event.channel)]
         for subscription in targets:
-            subscription.cursor = doc.get("cursor") or subscription.cursor
+            subscription.cursor = event.cursor or subscription.cursor
+        event_id = event.event_id
         if event_id in self._seen:
             return
         self._seen[event_id] = None
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
-        for subscription in targets[:1]:
-            await _call(subscription.handler, doc)
+        for subscription in targets:
+            if subscription.admits(event.data):
+                await _call(subscription.handler, event.doc)
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
         """Run a callback or send in the background, keeping a reference until it ends."""

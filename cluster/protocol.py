@@ -242,3 +242,165 @@ def event_frame(channel: str, raw_envelope: bytes, cursor: str) -> bytes:
             b"}",
         )
     )
+
+
+# --- the client side: what clients send, and one parser for what they receive ----------
+#
+# PushClient, the locust users and the tests speak the protocol through these, so the
+# wire format is written once for both sides (the browser client mirrors them in JS).
+
+
+def subscribe_request(
+    channels: list[str] | tuple[str, ...],
+    request_id: RequestId = None,
+    *,
+    priority: str | None = None,
+    limit: float | None = None,
+    since: str | None = None,
+) -> str:
+    options: dict[str, Any] = {}
+    if priority is not None:
+        options["priority"] = priority
+    if limit is not None:
+        options["limit"] = limit
+    if since is not None:
+        options["since"] = since
+    doc: dict[str, Any] = {"action": "subscribe", "channels": list(channels)}
+    if options:
+        doc["options"] = options
+    if request_id is not None:
+        doc["id"] = request_id
+    return _encode(doc)
+
+
+def unsubscribe_request(channels: list[str] | tuple[str, ...], request_id: RequestId = None) -> str:
+    doc: dict[str, Any] = {"action": "unsubscribe", "channels": list(channels)}
+    if request_id is not None:
+        doc["id"] = request_id
+    return _encode(doc)
+
+
+def auth_request(token: str, request_id: RequestId = None) -> str:
+    return _encode(
+        {"action": "auth", "token": token}
+        if request_id is None
+        else {"action": "auth", "token": token, "id": request_id}
+    )
+
+
+def ping_request(request_id: RequestId = None) -> str:
+    return _encode({"action": "ping"} if request_id is None else {"action": "ping", "id": request_id})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMessage:
+    """A message from the server; ``doc`` is the whole decoded object (what callbacks receive)."""
+
+    action: str
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(ServerMessage):
+    connection_id: str = ""
+    node: str = ""
+    user_id: str | None = None
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(ServerMessage):
+    id: RequestId = None
+    subscribed: tuple[str, ...] = ()
+    unsubscribed: tuple[str, ...] = ()
+    recovered: dict[str, bool] | None = None
+    cursor: str | None = None
+
+    @property
+    def unrecovered(self) -> list[str]:
+        """Channels the node could not replay (``recovered: false``): the client must resync them."""
+        return [name for name, ok in (self.recovered or {}).items() if not ok]
+
+
+@dataclass(frozen=True, slots=True)
+class Event(ServerMessage):
+    channel: str = ""
+    data: dict[str, Any] | None = None
+    cursor: str | None = None
+
+    @property
+    def event_id(self) -> str | None:
+        return self.data.get("id") if self.data else None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage(ServerMessage):
+    code: str = ""
+    message: str = ""
+    id: RequestId = None
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(ServerMessage):
+    user_id: str = ""
+    expires_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lagged(ServerMessage):
+    dropped: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect(ServerMessage):
+    reason: str = ""
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else ()
+
+
+def parse_server_message(data: str | bytes) -> ServerMessage:
+    """Parse one server text frame; an action this client does not know comes back as a plain ``ServerMessage``.
+
+    Raises :class:`ProtocolError` (INVALID_JSON / INVALID_MESSAGE) for a frame that is not a
+    JSON object with a string ``action``: a broken server or proxy, not something to act on.
+    """
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "server frame is not valid JSON") from None
+    if type(doc) is not dict or type(doc.get("action")) is not str:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "server frame must be a JSON object with an action")
+    action: str = doc["action"]
+    get = doc.get
+    if action == "event":
+        envelope = get("data")
+        return Event(
+            action, doc, str(get("channel", "")), envelope if isinstance(envelope, dict) else None, get("cursor")
+        )
+    if action == "ack":
+        recovered = get("recovered")
+        return Ack(
+            action,
+            doc,
+            get("id"),
+            _strings(get("subscribed")),
+            _strings(get("unsubscribed")),
+            recovered if isinstance(recovered, dict) else None,
+            get("cursor"),
+        )
+    if action == "welcome":
+        return Welcome(action, doc, str(get("connectionId", "")), str(get("node", "")), get("userId"), get("expiresAt"))
+    if action == "error":
+        return ErrorMessage(action, doc, str(get("code", "")), str(get("message", "")), get("id"), _strings(get("channels")))
+    if action == "authenticated":
+        return Authenticated(action, doc, str(get("userId", "")), get("expiresAt"))
+    if action == "lagged":
+        dropped = get("dropped")
+        return Lagged(action, doc, dropped if type(dropped) is int else 0, str(get("reason", "")))
+    if action == "reconnect":
+        return Reconnect(action, doc, str(get("reason", "")))
+    return ServerMessage(action, doc)

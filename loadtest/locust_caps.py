@@ -29,6 +29,7 @@ import gevent
 from locust import User, events, task
 from locust.exception import StopUser
 
+from cluster import protocol
 from loadtest.locust_common import Closed, PushSocket, Verdict, report, stop_soon, token_for
 
 VERDICT = Verdict("connection and subscription caps")
@@ -127,7 +128,7 @@ class CapsUser(User):
             VERDICT.fail(f"user {self.index}: the welcomed connections did not span several nodes ({nodes})")
 
         for position, conn in enumerate(opened):
-            conn.send({"action": "ping", "id": f"p{position}"})
+            conn.send(protocol.ping_request(f"p{position}"))
             if conn.recv_action("pong", 5) is None:
                 VERDICT.fail(f"user {self.index}: welcomed connection {position} did not stay open")
         if not opened:
@@ -151,14 +152,14 @@ class CapsUser(User):
         limit = self.environment.parsed_options.caps_subscriptions
         channels = [f"market.ticker:CAPS{i}" for i in range(limit + 1)]
         started = time.time()
-        conn.send({"action": "subscribe", "channels": channels[:limit], "id": "first"})
+        conn.send(protocol.subscribe_request(channels[:limit], "first"))
         ack = conn.recv_action("ack", 10)
         if ack is None or len(ack.get("subscribed", [])) != limit:
             VERDICT.fail(f"user {self.index}: {limit} subscriptions were not all acknowledged: {str(ack)[:200]}")
             return
         report(self.environment, f"subscribe {limit}", started)
         started = time.time()
-        conn.send({"action": "subscribe", "channels": [channels[limit]], "id": "over"})
+        conn.send(protocol.subscribe_request([channels[limit]], "over"))
         reply = conn.recv(10)
         while reply is not None and reply.get("action") not in ("error", "ack"):
             reply = conn.recv(10)

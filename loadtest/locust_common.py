@@ -15,10 +15,11 @@ import os
 import time
 from typing import Any
 
-import orjson
 import websocket
 from locust import events
 from locust.env import Environment
+
+from cluster import protocol
 
 DEFAULT_JWT_SECRET_ENV = "PUSH_JWT_SECRET"
 
@@ -39,8 +40,9 @@ class PushSocket:
         self.ws = websocket.create_connection(full, timeout=timeout, enable_multithread=False)
         self.close_code: int | None = None
 
-    def send(self, doc: dict[str, Any]) -> None:
-        self.ws.send(orjson.dumps(doc).decode())
+    def send(self, frame: str) -> None:
+        """Send one client message, built with :mod:`cluster.protocol` (``subscribe_request``, …)."""
+        self.ws.send(frame)
 
     def recv(self, timeout: float) -> dict[str, Any] | None:
         """The next protocol message, None on timeout; raises :class:`Closed`."""
@@ -60,8 +62,7 @@ class PushSocket:
                 self.close_code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
                 raise Closed(self.close_code)
             if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                doc: dict[str, Any] = orjson.loads(data)
-                return doc
+                return protocol.parse_server_message(data).doc
 
     def recv_action(self, action: str, timeout: float) -> dict[str, Any] | None:
         """The next message with this action (others are skipped), None on timeout."""

@@ -36,6 +36,7 @@ import gevent
 from locust import User, events, task
 from locust.exception import StopUser
 
+from cluster import protocol
 from loadtest.locust_common import Closed, PushSocket, Verdict, report, stop_soon
 
 VERDICT = Verdict("rate limit")
@@ -95,7 +96,7 @@ class Subscriber(User):
             welcome = self.conn.recv_action("welcome", 10)
             if welcome is None:
                 raise Closed(None)
-            self.conn.send({"action": "subscribe", "channels": [self.channel], "id": "rl"})
+            self.conn.send(protocol.subscribe_request([self.channel], "rl"))
             if self.conn.recv_action("ack", 10) is None:
                 raise Closed(None)
         except (Closed, OSError) as exc:

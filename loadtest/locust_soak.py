@@ -35,6 +35,7 @@ import gevent
 from locust import User, events, task
 from locust.exception import StopUser
 
+from cluster import protocol
 from loadtest.locust_common import Closed, PushSocket, Verdict, percentiles, report, stop_soon, token_for
 
 VERDICT = Verdict("soak")
@@ -105,7 +106,7 @@ class SoakUser(User):
             welcome = conn.recv_action("welcome", 10)
             if welcome is None:
                 raise Closed(None)
-            conn.send({"action": "subscribe", "channels": CHANNELS, "id": "soak"})
+            conn.send(protocol.subscribe_request(CHANNELS, "soak"))
             if conn.recv_action("ack", 10) is None:
                 raise Closed(None)
         except (Closed, OSError) as exc:
@@ -123,11 +124,9 @@ class SoakUser(User):
             while time.time() < reconnect_at:
                 if refresh_sent == 0.0 and time.time() >= refresh_at:
                     conn.send(
-                        {
-                            "action": "auth",
-                            "token": token_for(self.environment, self.user_id, options.soak_token_ttl),
-                            "id": "refresh",
-                        }
+                        protocol.auth_request(
+                            token_for(self.environment, self.user_id, options.soak_token_ttl), "refresh"
+                        )
                     )
                     refresh_sent = time.time()
                 if refresh_sent and time.time() - refresh_sent > 5:

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from cluster import protocol
 from loadtest.procs import Child, raise_nofile, start_node, start_redis, start_router, stop_all
 from loadtest.wsclient import Stats, open_connection
 
@@ -85,7 +86,7 @@ async def publish(redis_url: str, rate: int, duration: float, pad: int) -> int:
 
 async def phase(port: int, pids: dict[str, int], args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     stats = Stats()
-    subscribe = orjson.dumps({"action": "subscribe", "channels": [CHANNEL], "id": "s"})
+    subscribe = protocol.subscribe_request([CHANNEL], "s").encode()
     conns = [
         await open_connection("127.0.0.1", port, "/ws", stats, subscribe=subscribe) for _ in range(args.connections)
     ]

@@ -25,6 +25,8 @@ import orjson
 import pytest
 import redis
 
+from cluster import protocol
+
 ROOT = Path(__file__).resolve().parent.parent
 PUSHCTL = [sys.executable, "-m", "pushctl.cli"]
 JWT_SECRET = "test-secret-for-delta-push-0123456789abcdef"
@@ -259,10 +261,8 @@ class WsClient:
                 return doc
 
     async def subscribe(self, channels: list[str], request_id: str = "s", **options: Any) -> dict[str, Any]:
-        message: dict[str, Any] = {"action": "subscribe", "channels": channels, "id": request_id}
-        if options:
-            message["options"] = options
-        await self.send(message)
+        """Subscribe (options: priority, limit, since) and return the ack."""
+        await self.send(protocol.subscribe_request(channels, request_id, **options))
         return await self.recv_action("ack")
 
     async def events(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:

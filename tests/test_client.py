@@ -111,3 +111,28 @@ def test_pushctl_tail_prints_published_events(start_node):
         tail.kill()
     assert envelope["id"] in out.decode()
     assert tail.returncode == 0
+
+
+async def test_every_matching_subscriptions_handler_gets_the_event_once(start_node):
+    """The browser client's rule (web/test/dedup.test.mjs): ``*`` and ``order.filled`` both see an order.filled,
+    and a subscription's priority filters its own handler even when another pattern brought the event."""
+    node = start_node("client-handlers")
+    everything: list[str] = []
+    fills: list[str] = []
+    urgent: list[str] = []
+    client = PushClient(node.url, token=token("nora"))
+    client.subscribe(["*"], lambda e: everything.append(e["data"]["type"]))
+    client.subscribe(["order.filled"], lambda e: fills.append(e["data"]["type"]))
+    client.subscribe(["risk.*"], lambda e: urgent.append(e["data"]["payload"]["level"]), priority="p1")
+    async with client:
+        for subscription in client.subscriptions:
+            await asyncio.wait_for(subscription.acked.wait(), 5)
+        publish(node.redis_url, "order.created", {}, user_id="nora")
+        publish(node.redis_url, "order.filled", {}, user_id="nora")
+        publish(node.redis_url, "risk.alert", {"level": "high"}, user_id="nora", priority="p0")
+        publish(node.redis_url, "risk.alert", {"level": "low"}, user_id="nora")  # p2: * brings it, not for risk.* p1
+        await async_wait_until(lambda: len(everything) == 4)
+        await asyncio.sleep(0.3)
+    assert everything == ["order.created", "order.filled", "risk.alert", "risk.alert"]
+    assert fills == ["order.filled"]
+    assert urgent == ["high"]

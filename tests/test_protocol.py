@@ -272,3 +272,52 @@ def test_authenticated_pong_lagged_reconnect_messages():
     assert orjson.loads(protocol.pong("p1")) == {"action": "pong", "id": "p1"}
     assert orjson.loads(protocol.lagged(3, "queue_full")) == {"action": "lagged", "dropped": 3, "reason": "queue_full"}
     assert orjson.loads(protocol.reconnect("rebalance")) == {"action": "reconnect", "reason": "rebalance"}
+
+
+# --- the client side: builders the server accepts, one parser for what the server says ---------
+
+
+def test_client_builders_are_what_the_server_parses() -> None:
+    message = protocol.parse_client_message(
+        protocol.subscribe_request(["order.*", "market.ticker:BTC/USDT"], "r1", priority="p1", limit=20, since="e:@1-2")
+    )
+    assert message == protocol.Subscribe(("order.*", "market.ticker:BTC/USDT"), "r1", 1, 20.0, "e:@1-2")
+    assert protocol.parse_client_message(protocol.subscribe_request(["risk.*"])) == protocol.Subscribe(("risk.*",))
+    assert protocol.parse_client_message(protocol.unsubscribe_request(["risk.*"], 7)) == protocol.Unsubscribe(
+        ("risk.*",), 7
+    )
+    assert protocol.parse_client_message(protocol.auth_request("t0k", "a")) == protocol.Auth("t0k", "a")
+    assert protocol.parse_client_message(protocol.ping_request()) == protocol.Ping()
+
+
+def test_server_messages_parse_into_their_types() -> None:
+    event = protocol.parse_server_message(protocol.event_frame("order.filled", b'{"id":"e1","priority":"p0"}', "c1"))
+    assert isinstance(event, protocol.Event)
+    assert (event.channel, event.event_id, event.cursor) == ("order.filled", "e1", "c1")
+    ack = protocol.parse_server_message(protocol.ack("r1", ["a.*"], recovered={"a.*": False, "b.*": True}, cursor="x"))
+    assert isinstance(ack, protocol.Ack)
+    assert (ack.id, ack.subscribed, ack.unrecovered, ack.cursor) == ("r1", ("a.*",), ["a.*"], "x")
+    welcome = protocol.parse_server_message(protocol.welcome("c-1", "node-1", "u1", 5, {}))
+    assert isinstance(welcome, protocol.Welcome) and (welcome.node, welcome.user_id, welcome.expires_at) == (
+        "node-1",
+        "u1",
+        5,
+    )
+    error = protocol.parse_server_message(protocol.error("FORBIDDEN", "no", "r2", ["risk.*"]))
+    assert isinstance(error, protocol.ErrorMessage) and (error.code, error.id, error.channels) == (
+        "FORBIDDEN",
+        "r2",
+        ("risk.*",),
+    )
+    lagged = protocol.parse_server_message(protocol.lagged(3, "queue_full"))
+    assert isinstance(lagged, protocol.Lagged) and (lagged.dropped, lagged.reason) == (3, "queue_full")
+    assert isinstance(protocol.parse_server_message(protocol.reconnect("bye")), protocol.Reconnect)
+    assert isinstance(protocol.parse_server_message(protocol.authenticated("u1", 9)), protocol.Authenticated)
+    future = protocol.parse_server_message(b'{"action":"snapshot","x":1}')  # a newer server: passed on, not refused
+    assert type(future) is protocol.ServerMessage and future.doc["x"] == 1
+
+
+@pytest.mark.parametrize("frame", [b"not json", b"[1]", b'{"no":"action"}', b'{"action":7}'])
+def test_a_server_frame_that_is_not_a_message_is_a_protocol_error(frame: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_server_message(frame)
