@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import secrets
 from abc import ABC, abstractmethod
@@ -29,6 +28,7 @@ from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cluster.backoff import Backoff
 from cluster.bus_interest import InterestCounts
 from cluster.bus_reader import BusConnection, BusLink, BusRefused, MessageHandler
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, LEGACY_CHANNEL, USER_PREFIX, BusName
@@ -199,7 +199,7 @@ class RedisBroker(Broker):
     # --- the connection ---------------------------------------------------------------
 
     async def run(self, handler: MessageHandler) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, self._max_backoff)
         lost = False
         while True:
             conn: BusLink | None = None
@@ -225,7 +225,7 @@ class RedisBroker(Broker):
                     REDIS_RECONNECTS.inc()
                     log("redis_reconnected", url=_safe_url(self.url))
                     lost = False
-                backoff = 0.1
+                backoff.reset()
                 await self._watch(conn)
             except BUS_ERRORS as exc:
                 self.ready.clear()
@@ -241,8 +241,7 @@ class RedisBroker(Broker):
                         detail=str(exc)[:200],
                     )
                 lost = True
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, self._max_backoff)
+                await backoff.wait()
             finally:
                 self._conn = None
                 if conn is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from cluster import protocol
+from cluster.backoff import Backoff
 from cluster.channels import ChannelError, Pattern, parse_channel, parse_pattern
 from cluster.envelope import PRIORITY_RANK
 
@@ -167,12 +167,12 @@ class PushClient:
     # --- connection loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        failures = 0
+        backoff = Backoff(self.min_backoff * 2, self.max_backoff)
         while not self._closing:
             self._set_state("connecting")
             try:
                 await self._connect_once()
-                failures = 0
+                backoff.reset()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 self.close_codes.append(None)
                 self._set_state(f"error: {type(exc).__name__}")
@@ -181,9 +181,7 @@ class PushClient:
                     break
             if self._closing or self.fatal is not None:
                 break
-            failures += 1
-            # full jitter: a whole fleet reconnecting at once spreads out over the window
-            await asyncio.sleep(random.uniform(0, min(self.max_backoff, self.min_backoff * 2**failures)))
+            await backoff.wait()  # full jitter: a whole fleet reconnecting at once spreads out over the window
         self._set_state("closed")
 
     async def _connect_once(self) -> None:

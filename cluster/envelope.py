@@ -9,12 +9,14 @@ forward compatibility); the publisher SDK is stricter and refuses unknown ones.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from cluster.channels import TYPE_RE
+from cluster.clock import now_ms
 
 KNOWN_TYPES: frozenset[str] = frozenset(
     [
@@ -62,11 +64,10 @@ PRIORITY_RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 DEFAULT_PRIORITY = "p2"
 VERSION = "1.0"
 
-TYPE_RE = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\Z")
 SOURCE_RE = re.compile(r"[a-z][a-z0-9-]*\Z")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 MAX_ID_FIELD = 256  # userId, sessionId, correlationId
-MAX_ENVELOPE_BYTES = 65536  # SPEC §2 default; nodes take theirs from settings
+MAX_ENVELOPE_BYTES = 64 * 1024  # SPEC §2 and §4 default for envelopes and client frames; settings start from it
 
 
 class EnvelopeError(ValueError):
@@ -153,7 +154,7 @@ def validate(doc: Any, raw: bytes) -> Envelope:
     )
 
 
-def parse_envelope(raw: bytes, max_bytes: int = 65536) -> Envelope:
+def parse_envelope(raw: bytes, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope:
     """Parse one envelope from the bus; raise :class:`EnvelopeError` if it is not one."""
     if len(raw) > max_bytes:
         raise EnvelopeError("too_large", f"envelope exceeds {max_bytes} bytes")
@@ -162,10 +163,6 @@ def parse_envelope(raw: bytes, max_bytes: int = 65536) -> Envelope:
     except orjson.JSONDecodeError:
         raise EnvelopeError("invalid_json", "envelope is not valid JSON") from None
     return validate(doc, raw)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def build_envelope(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
@@ -34,7 +33,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from cluster.backoff import Backoff
 from cluster.broker import BUS_ERRORS
+from cluster.clock import now_ms
 from cluster.logs import log
 from cluster.redis_url import AsyncClient, async_client
 from cluster.ring import Ring
@@ -252,7 +253,7 @@ class RedisMembership(Membership):
             return False
 
     async def watch(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, self._max_backoff)
         lost = False
         while True:
             pubsub = None
@@ -271,15 +272,14 @@ class RedisMembership(Membership):
                 if lost:
                     log("membership_reconnected", kept=len(self._grace) or None)
                     lost = False
-                backoff = 0.1
+                backoff.reset()
                 await self._follow(pubsub)
             except MEMBERSHIP_ERRORS as exc:
                 self.connected = False
                 if not lost:
                     log("membership_lost", logging.WARNING, reason=type(exc).__name__)
                 lost = True
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, self._max_backoff)
+                await backoff.wait()
             finally:
                 try:
                     if pubsub is not None:
@@ -333,7 +333,7 @@ class MemoryMembership(Membership):
         self._records: dict[str, tuple[NodeInfo, int]] = {}  # id -> (info, lease expiry ms)
 
     async def announce(self, info: NodeInfo, *, join: bool = False) -> None:
-        now = _now_ms()
+        now = now_ms()
         fresh = info.id not in self._records
         self._records[info.id] = (replace(info, updated_at=now), now + self.ttl_ms)
         if fresh or join:
@@ -344,7 +344,7 @@ class MemoryMembership(Membership):
             await self.refresh()
 
     async def refresh(self) -> None:
-        now = _now_ms()
+        now = now_ms()
         for node_id in [n for n, (_, expiry) in self._records.items() if expiry <= now]:
             del self._records[node_id]
         self._apply({n: info for n, (info, _) in self._records.items()}, now)
@@ -385,10 +385,6 @@ async def _listen(pubsub: aioredis.client.PubSub, announced: asyncio.Event, grac
             if isinstance(doc, dict) and doc.get("event") == "leave":
                 grace.pop(str(doc.get("node")), None)
         announced.set()
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _text(value: bytes | str) -> str:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
+from cluster.envelope import MAX_ENVELOPE_BYTES
+
 
 def _bool(text: str) -> bool:
     value = text.strip().lower()
@@ -111,9 +113,9 @@ class Settings:
     lagged_interval: float = _setting(
         0.25, "PUSH_LAGGED_INTERVAL", "Seconds over which drops are coalesced into one lagged notice."
     )
-    max_frame_bytes: int = _setting(65536, "PUSH_MAX_FRAME_BYTES", "Largest client frame accepted (close 1009 above).")
+    max_frame_bytes: int = _setting(MAX_ENVELOPE_BYTES, "PUSH_MAX_FRAME_BYTES", "Largest client frame accepted (close 1009 above).")
     max_envelope_bytes: int = _setting(
-        65536, "PUSH_MAX_ENVELOPE_BYTES", "Largest event envelope accepted from the bus."
+        MAX_ENVELOPE_BYTES, "PUSH_MAX_ENVELOPE_BYTES", "Largest event envelope accepted from the bus."
     )
     bus_linger_seconds: float = _setting(
         2.0, "PUSH_BUS_LINGER_SECONDS", "Seconds a bus subscription nobody uses any more is kept before UNSUBSCRIBE."

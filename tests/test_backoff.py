@@ -1,0 +1,22 @@
+"""The one reconnect pacing (cluster/backoff.py): full jitter under a doubling, capped ceiling."""
+
+from __future__ import annotations
+
+from cluster.backoff import Backoff
+
+
+def test_waits_stay_under_a_doubling_ceiling_that_stops_at_the_cap() -> None:
+    backoff = Backoff(0.1, 1.0)
+    ceilings = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    for ceiling in ceilings:
+        assert 0 <= backoff.next() <= ceiling
+    assert max(backoff.next() for _ in range(2000)) > 0.9  # jitter spans the whole window
+
+
+def test_reset_starts_again_from_the_first_ceiling() -> None:
+    backoff = Backoff(0.1, 5.0)
+    for _ in range(10):
+        backoff.next()
+    backoff.reset()
+    assert backoff.next() <= 0.1
+    assert backoff.next() <= 0.2
