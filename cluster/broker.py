@@ -20,6 +20,7 @@ import asyncio
 import logging
 import re
 import secrets
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -260,7 +261,13 @@ class RedisBroker(Broker):
             now = loop.time()
             if health is not None and health.done():
                 health, checked = None, now
-            elif health is not None and now - checked > HEALTH_SECONDS:
+            elif (
+                health is not None
+                and now - checked > HEALTH_SECONDS
+                and conn.stalled(time.monotonic() - HEALTH_SECONDS)
+            ):
+                # No answer and nothing else read either: dead. A bus that is only behind (the
+                # PONG queued after seconds of messages) is still reading and is left alone.
                 conn.fail(TimeoutError("Redis did not answer the bus health check"))
             elif health is None and now - checked >= HEALTH_SECONDS:
                 health, checked = conn.ping(), now

@@ -153,6 +153,9 @@ class ShardedBus:
             ping.add_done_callback(answered)
         return result
 
+    def stalled(self, since: float) -> bool:
+        return any(conn.stalled(since) for conn in self._all())
+
     def fail(self, exc: BaseException) -> None:
         if not self.closed.done():
             self.closed.set_result(exc)

@@ -29,6 +29,7 @@ import asyncio
 import collections
 import fnmatch
 import ssl
+import time
 from typing import Any, Callable, Protocol
 
 import hiredis
@@ -63,6 +64,7 @@ class BusLink(Protocol):
     def subscribe(self, names: list[str]) -> None: ...
     def unsubscribe(self, names: list[str]) -> None: ...
     def ping(self) -> asyncio.Future[bool]: ...
+    def stalled(self, since: float) -> bool: ...
     def fail(self, exc: BaseException) -> None: ...
     def close(self) -> None: ...
 
@@ -95,6 +97,7 @@ class BusConnection(asyncio.Protocol):
         self._pongs: collections.deque[asyncio.Future[bool]] = collections.deque()
         self._covers: dict[bytes, tuple[bytes, ...] | None] = {}
         self.active: set[bytes] = set()  # subscriptions Redis has confirmed, as of the stream read so far
+        self.last_read = time.monotonic()  # when the socket last gave us bytes: a backed-up bus is not dead
         self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     # --- opening --------------------------------------------------------------------
@@ -135,12 +138,17 @@ class BusConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
+    def stalled(self, since: float) -> bool:
+        """Whether a PING is unanswered and nothing at all has been read since ``since`` (monotonic)."""
+        return bool(self._pongs) and self.last_read < since
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         # hiredis compacts its buffer as it goes: fed a 256 KB read at once it costs 4x
         # more per message than fed 16 KB at a time (measured: 0.92 vs 0.18 us).
+        self.last_read = time.monotonic()
         size = len(data)
         for offset in range(0, size, FEED_CHUNK):
             self._reader.feed(data, offset, min(FEED_CHUNK, size - offset))

@@ -136,3 +136,17 @@ async def test_a_wrong_password_is_a_bus_error_not_a_crash(private_redis):
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await broker.close()
+
+
+async def test_a_bus_that_is_only_behind_is_not_taken_for_dead() -> None:
+    """An unanswered health PING fails the connection only when nothing at all is being read."""
+    import time
+
+    from cluster.bus_reader import BusConnection
+
+    conn = BusConnection(lambda channel, message: None, lambda exc: None)
+    assert not conn.stalled(time.monotonic())  # no PING outstanding
+    conn.ping()  # no transport: the PING stays unanswered
+    conn.data_received(b"*3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$1\r\ny\r\n")  # but messages keep arriving
+    assert not conn.stalled(time.monotonic() - 5)
+    assert conn.stalled(time.monotonic() + 1)  # nothing read since: dead
