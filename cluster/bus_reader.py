@@ -45,6 +45,7 @@ CONNECT_TIMEOUT_SECONDS = 2.0
 MAX_ARGS_PER_COMMAND = 1_000
 COVER_CACHE_SIZE = 10_000
 FEED_CHUNK = 16 * 1024
+READ_BUDGET = 256 * 1024  # bytes handled per connection per loop iteration before it yields the loop
 EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 
 _MESSAGE = b"message"
@@ -98,6 +99,8 @@ class BusConnection(asyncio.Protocol):
         self._covers: dict[bytes, tuple[bytes, ...] | None] = {}
         self.active: set[bytes] = set()  # subscriptions Redis has confirmed, as of the stream read so far
         self.last_read = time.monotonic()  # when the socket last gave us bytes: a backed-up bus is not dead
+        self._read_this_turn = 0
+        self._yielding = False
         self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
 
     # --- opening --------------------------------------------------------------------
@@ -149,6 +152,14 @@ class BusConnection(asyncio.Protocol):
         # hiredis compacts its buffer as it goes: fed a 256 KB read at once it costs 4x
         # more per message than fed 16 KB at a time (measured: 0.92 vs 0.18 us).
         self.last_read = time.monotonic()
+        self._read_this_turn += len(data)
+        if self._read_this_turn >= READ_BUDGET and not self._yielding and self._transport is not None:
+            # The event loop reads a busy socket many times per iteration; a node that is behind
+            # would then spend seconds on one connection while client sockets, other bus
+            # connections and timers wait. Take the rest on the next iteration.
+            self._yielding = True
+            self._transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._next_turn)
         size = len(data)
         for offset in range(0, size, FEED_CHUNK):
             self._reader.feed(data, offset, min(FEED_CHUNK, size - offset))
@@ -158,6 +169,12 @@ class BusConnection(asyncio.Protocol):
                     break
                 except Exception as exc:  # a bug handling one message must not stop the bus
                     self._on_error(exc)
+
+    def _next_turn(self) -> None:
+        self._read_this_turn = 0
+        self._yielding = False
+        if self._transport is not None and not self.closed.done():
+            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(exc or ConnectionError("Redis closed the bus connection"))
