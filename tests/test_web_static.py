@@ -32,6 +32,7 @@ async def test_index_is_the_live_page_with_a_strict_policy(client):
     ("path", "content_type"),
     [
         ("/web/delta-push.js", "text/javascript"),  # an ES module must be served as JavaScript
+        ("/web/fossil.js", "text/javascript"),
         ("/web/app.js", "text/javascript"),
         ("/web/style.css", "text/css"),
         ("/web/events.ts", "text/plain"),

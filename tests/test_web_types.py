@@ -181,15 +181,16 @@ def test_browser_client_constants_match_the_python_client_and_the_node():
     assert f"dedupWindow: {python_client.DEDUP_WINDOW:_}" in source
 
 
-def test_declarations_cover_the_module_exports():
-    source = (WEB / "delta-push.js").read_text()
+@pytest.mark.parametrize("module", ["delta-push", "fossil"])
+def test_declarations_cover_the_module_exports(module):
+    source = (WEB / f"{module}.js").read_text()
     exported = set(re.findall(r"^export (?:const|class|function) (\w+)", source, re.M))
-    declared = set(re.findall(r"^export declare (?:const|class|function) (\w+)", (WEB / "delta-push.d.ts").read_text(), re.M))
+    declared = set(re.findall(r"^export declare (?:const|class|function) (\w+)", (WEB / f"{module}.d.ts").read_text(), re.M))
     assert exported == declared
 
 
 def test_web_files_exist():
-    for name in ("delta-push.js", "delta-push.d.ts", "events.ts", "index.html", "app.js", "style.css"):
+    for name in ("delta-push.js", "delta-push.d.ts", "fossil.js", "fossil.d.ts", "events.ts", "index.html", "app.js", "style.css"):
         assert Path(WEB / name).is_file(), name
 
 
