@@ -12,7 +12,10 @@ replays what was missed. An event reaches the handler of every subscription whos
 patterns match it, once each (as in the browser client: ``order.*`` and
 ``order.filled`` both see an ``order.filled``). Events are deduplicated by id (a bounded window), the
 token is refreshed before expiry through a callback, and ``lagged`` and
-``recovered: false`` are surfaced to the application through callbacks.
+``recovered: false`` are surfaced to the application through callbacks. On state
+channels (``market.ticker``, ``market.orderbook``) events carry a per-channel ``seq``;
+a jump (updates conflated or lost) is reported through ``on_gap(channel, expected,
+got)`` and the subscription is renewed, so the node sends the latest value again.
 
 Handlers run one at a time in arrival order; while a handler runs the client
 does not read the socket, so a slow handler slows the node's sends to this
@@ -89,6 +92,7 @@ class PushClient:
         on_state: Callable[[str], Any] | None = None,
         on_error: Callable[[dict[str, Any]], Any] | None = None,
         on_ack: Callable[[dict[str, Any]], Any] | None = None,
+        on_gap: Callable[[str, int, int], Any] | None = None,
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
         fail_fast: bool = False,
@@ -101,6 +105,8 @@ class PushClient:
         self._on_state = on_state
         self._on_error = on_error
         self._ack_callback = on_ack
+        self._on_gap = on_gap
+        self._last_seq: dict[str, int] = {}  # state channel -> seq of the last event seen on this connection
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.fail_fast = fail_fast  # give up if the very first connect fails (CLI use)
@@ -205,6 +211,7 @@ class PushClient:
                     await self._on_event(message)
                 elif isinstance(message, protocol.Welcome):
                     self.welcome = message.doc
+                    self._last_seq.clear()  # the replays and snapshots of the resubscribe set new baselines
                     self.connects += 1
                     self._set_state("connected")
                     self.connected.set()
@@ -285,6 +292,8 @@ class PushClient:
         targets = [s for s in self.subscriptions if s.matches(event.channel)]
         for subscription in targets:
             subscription.cursor = event.cursor or subscription.cursor
+        if event.seq is not None:
+            self._check_sequence(event.channel, event.seq, targets)
         event_id = event.event_id
         if event_id in self._seen:
             return
@@ -294,6 +303,27 @@ class PushClient:
         for subscription in targets:
             if subscription.admits(event.data):
                 await _call(subscription.handler, event.doc)
+
+    def _check_sequence(self, channel: str, seq: int, targets: list[ClientSubscription]) -> None:
+        """A state channel's seq must grow by one; a jump means missed updates (conflated, dropped,
+        lost on the bus): the state is stale, so tell the application and resubscribe for a fresh
+        snapshot (the node sends the latest value right after the ack)."""
+        last = self._last_seq.get(channel)
+        if last is None or seq == last + 1:
+            self._last_seq[channel] = seq
+            return
+        if seq <= last:
+            return  # a replayed or repeated event: nothing newer was missed
+        self._last_seq.pop(channel, None)  # the snapshot after the resubscribe sets the next baseline
+        if self._on_gap is not None:
+            self._spawn(_call(self._on_gap, channel, last + 1, seq))
+        for subscription in targets:
+            self._spawn(self._resubscribe(subscription))
+
+    async def _resubscribe(self, subscription: ClientSubscription) -> None:
+        await self._send(protocol.unsubscribe_request(subscription.patterns, self._next_id()))
+        subscription.cursor = None  # a fresh snapshot, not a replay of what was skipped
+        await self._send_subscribe(subscription)
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
         """Run a callback or send in the background, keeping a reference until it ends."""

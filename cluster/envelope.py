@@ -91,6 +91,7 @@ class Envelope:
     priority: int  # rank: 0 is p0 (highest)
     expires_at: int | None  # ms; timestamp + ttl
     raw: bytes
+    seq: int | None = None  # a state channel's sequence number, from the bus message (cluster/state.py)
 
     @property
     def domain(self) -> str:

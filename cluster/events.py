@@ -96,6 +96,7 @@ class _PublisherBase:
         allow_unknown: bool = False,
         history_size: int | None = None,
         history_seconds: int | None = None,
+        state_types: tuple[str, ...] | None = None,
     ) -> None:
         if not allow_unknown and source not in KNOWN_SERVICES:
             raise ValueError(f"unknown service {source!r} (pass allow_unknown=True to publish as it anyway)")
@@ -103,6 +104,9 @@ class _PublisherBase:
         self.allow_unknown = allow_unknown
         self.history_size = history_size or _DEFAULTS.history_size
         self.history_seconds = history_seconds or _DEFAULTS.history_seconds
+        environment = Settings.from_env()  # PUSH_STATE_TYPES / PUSH_STATE_SECONDS, as the nodes read them
+        self.state_types = frozenset(state_types if state_types is not None else environment.state_types)
+        self.state_seconds = environment.state_seconds
         self._sharded: ShardedPublisher | None = None
         if is_cluster_url(redis_url):
             self._sharded = ShardedPublisher(redis_url)
@@ -118,7 +122,13 @@ class _PublisherBase:
         assert self._sharded is not None
         channel, envelope, data = self._envelope(event_type, payload, kwargs)
         await self._sharded.publish(
-            channel, data, envelope["id"], envelope.get("userId"), self.history_size, self.history_seconds
+            channel,
+            data,
+            envelope["id"],
+            envelope.get("userId"),
+            self.history_size,
+            self.history_seconds,
+            self._state_seconds(event_type),
         )
         EVENTS_PUBLISHED.inc()
         return envelope
@@ -126,10 +136,21 @@ class _PublisherBase:
     def _script_call(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The envelope, and the pending script call that stores and publishes it."""
         channel, envelope, data = self._envelope(event_type, payload, kwargs)
+        state_seconds = self._state_seconds(event_type)
         args = publish_args(
-            channel, data, envelope["id"], self.history_size, self.history_seconds, envelope.get("userId")
+            channel,
+            data,
+            envelope["id"],
+            self.history_size,
+            self.history_seconds,
+            envelope.get("userId"),
+            state_seconds,
         )
-        return envelope, self._script(keys=publish_keys(channel), args=args)
+        return envelope, self._script(keys=publish_keys(channel, state_seconds is not None), args=args)
+
+    def _state_seconds(self, event_type: str) -> int | None:
+        """How long a state channel's latest value is kept; None for other channels (cluster/state.py)."""
+        return self.state_seconds if event_type in self.state_types else None
 
 
 class EventPublisher(_PublisherBase):

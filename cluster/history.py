@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, user_channel
 from cluster.channels import ChannelError, Pattern, parse_channel
 from cluster.redis_url import AsyncClient
+from cluster.state import state_key, state_set_key
 
 EPOCH_KEY = "push:epoch"
 SEQ_KEY = "push:history:seq"
@@ -46,12 +47,14 @@ SCAN_BATCH = 200
 MAX_STREAM_SEQ = 2**64 - 1
 
 PUBLISH_SCRIPT = """
--- KEYS: 1 stream of the channel, 2 channel set of the domain, 3 sequence, 4 clock, 5 epoch
+-- KEYS: 1 stream of the channel, 2 channel set of the domain, 3 sequence, 4 clock, 5 epoch,
+--       6 and 7 (state channels only, cluster/state.py): the channel's state hash, the type's state set
 -- ARGV: 1 bus channel (events:<channel>, or push:user:{<userId>} for a private event),
 --       2 envelope JSON, 3 event id, 4 channel, 5 max events per channel, 6 retention ms,
 --       7 epoch to create if there is none,
---       8 (private events only) push:admin: then ARGV[1] and ARGV[8] both get the routed
---         message "<channel> <envelope>" instead of the bare envelope
+--       8 push:admin for a private event ('' or absent otherwise): then ARGV[1] and ARGV[8] both
+--         get the routed message "<channel> <envelope>" instead of the bare envelope,
+--       9 (state channels) ms the latest value is kept
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -60,29 +63,53 @@ redis.call('SET', KEYS[4], now)
 redis.call('SET', KEYS[5], ARGV[7], 'NX')
 local seq = redis.call('INCR', KEYS[3])
 local retention = tonumber(ARGV[6])
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], now .. '-' .. seq, 'i', ARGV[3], 'e', ARGV[2])
+local message = ARGV[2]
+local fields = {'i', ARGV[3], 'e', ARGV[2]}
+if KEYS[6] then
+  local state_seq = redis.call('HINCRBY', KEYS[6], 's', 1)
+  redis.call('HSET', KEYS[6], 'e', ARGV[2])
+  redis.call('PEXPIRE', KEYS[6], ARGV[9])
+  redis.call('SADD', KEYS[7], ARGV[4])
+  redis.call('PEXPIRE', KEYS[7], ARGV[9])
+  message = '#' .. state_seq .. ' ' .. ARGV[2]
+  table.insert(fields, 's')
+  table.insert(fields, state_seq)
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], now .. '-' .. seq, unpack(fields))
 redis.call('XTRIM', KEYS[1], 'MINID', now - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], retention)
 if ARGV[8] and ARGV[8] ~= '' then
-  local routed = ARGV[4] .. ' ' .. ARGV[2]
+  local routed = ARGV[4] .. ' ' .. message
   return redis.call('PUBLISH', ARGV[1], routed) + redis.call('PUBLISH', ARGV[8], routed)
 end
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[1], message)
 """
 
 
 CLUSTER_PUBLISH_SCRIPT = """
--- Redis Cluster: KEYS: 1 stream of the channel (push:history:{<channel>})
--- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms
--- Only stores: the caller publishes the live message afterwards (cluster/shard_publish.py).
+-- Redis Cluster: KEYS: 1 stream of the channel (push:history:{<channel>}),
+--                      2 (state channels only) its state hash (push:state:{<channel>})
+-- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms,
+--       5 (state channels) ms the latest value is kept
+-- Only stores, and returns the state sequence number (0 for other channels): the caller
+-- publishes the live message afterwards (cluster/shard_publish.py).
 local retention = tonumber(ARGV[4])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'i', ARGV[2], 'e', ARGV[1])
+local state_seq = 0
+local fields = {'i', ARGV[2], 'e', ARGV[1]}
+if KEYS[2] then
+  state_seq = redis.call('HINCRBY', KEYS[2], 's', 1)
+  redis.call('HSET', KEYS[2], 'e', ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  table.insert(fields, 's')
+  table.insert(fields, state_seq)
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', unpack(fields))
 local ms = tonumber(string.match(id, '^(%d+)'))
 redis.call('XTRIM', KEYS[1], 'MINID', ms - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
-return id
+return state_seq
 """
 
 
@@ -125,9 +152,12 @@ def parse_cursor(text: str) -> Cursor | None:
     return Cursor(epoch, channel, event_id)
 
 
-def publish_keys(channel: str) -> list[str]:
+def publish_keys(channel: str, state: bool = False) -> list[str]:
     domain = channel.partition(".")[0]
-    return [STREAM_PREFIX + channel, CHANNELS_PREFIX + domain, SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
+    keys = [STREAM_PREFIX + channel, CHANNELS_PREFIX + domain, SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
+    if state:
+        keys += [state_key(channel, cluster=False), state_set_key(channel.partition(":")[0])]
+    return keys
 
 
 def publish_args(
@@ -137,8 +167,10 @@ def publish_args(
     max_events: int,
     retention_seconds: int,
     user_id: str | None = None,
+    state_seconds: int | None = None,
 ) -> list[object]:
-    """The script's arguments: a private event goes to its user's channel and ``push:admin`` (SPEC §3)."""
+    """The script's arguments: a private event goes to its user's channel and ``push:admin`` (SPEC §3);
+    ``state_seconds`` for a state channel (its keys from ``publish_keys(channel, state=True)``)."""
     args: list[object] = [
         EVENTS_PREFIX + channel if user_id is None else user_channel(user_id),
         envelope,
@@ -147,9 +179,10 @@ def publish_args(
         max_events,
         retention_seconds * 1000,
         secrets.token_hex(4),
+        ADMIN_CHANNEL if user_id is not None else "",
     ]
-    if user_id is not None:
-        args.append(ADMIN_CHANNEL)
+    if state_seconds is not None:
+        args.append(state_seconds * 1000)
     return args
 
 
@@ -163,7 +196,7 @@ class Replay:
     """What history holds after a cursor: ``recovered`` False means a gap."""
 
     recovered: bool
-    events: list[tuple[str, bytes]]  # (channel, envelope JSON), oldest first
+    events: list[tuple[str, bytes, int | None]]  # (channel, envelope JSON, state seq), oldest first
 
 
 LOST = Replay(False, [])
@@ -245,7 +278,7 @@ class History:
         return result
 
     async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int], limit: int) -> Replay:
-        merged: list[tuple[tuple[int, int], str, bytes]] = []
+        merged: list[tuple[tuple[int, int], str, bytes, int | None]] = []
         for name in await self.channels(pattern):
             key = self.stream_key(name)
             pipe = self._client.pipeline(transaction=False)
@@ -260,8 +293,14 @@ class History:
                 return LOST  # entries newer than the cursor were trimmed away
             if len(entries) > limit:
                 return LOST
-            merged.extend((_position(entry_id), name, fields[b"e"]) for entry_id, fields in entries)
+            merged.extend((_position(entry_id), name, fields[b"e"], _seq(fields)) for entry_id, fields in entries)
         merged.sort(key=lambda item: item[0])
         if len(merged) > limit:
             return LOST
-        return Replay(True, [(name, envelope) for _, name, envelope in merged])
+        return Replay(True, [(name, envelope, seq) for _, name, envelope, seq in merged])
+
+
+def _seq(fields: dict[bytes, bytes]) -> int | None:
+    """A state event's sequence number as stored with it (``s``), if any."""
+    raw = fields.get(b"s")
+    return int(raw) if raw is not None and raw.isdigit() else None

@@ -17,6 +17,7 @@ from cluster.envelope import PRIORITY_RANK
 
 class ErrorCode:
     INVALID_JSON = "INVALID_JSON"
+    SNAPSHOT_LIMIT = "SNAPSHOT_LIMIT"  # a subscribe matched more state channels than PUSH_SNAPSHOT_MAX_CHANNELS
     INVALID_MESSAGE = "INVALID_MESSAGE"
     UNKNOWN_ACTION = "UNKNOWN_ACTION"
     INVALID_CHANNEL = "INVALID_CHANNEL"
@@ -66,6 +67,7 @@ class Subscribe:
     priority: int | None = None  # rank: only events of this rank or lower (0 = p0)
     limit: float | None = None  # events per second for these channels
     since: str | None = None
+    snapshot: bool = True  # state channels: the latest value of each matching channel right after the ack
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +132,16 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
     since = options.get("since")
     if since is not None and (type(since) is not str or not 0 < len(since) <= MAX_CURSOR):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.since must be a cursor string", request_id)
+    snapshot = options.get("snapshot", True)
+    if type(snapshot) is not bool:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.snapshot must be true or false", request_id)
     return Subscribe(
         channels,
         request_id,
         None if priority is None else PRIORITY_RANK[priority],
         None if limit is None else float(limit),
         since,
+        snapshot,
     )
 
 
@@ -229,8 +235,12 @@ def reconnect(reason: str) -> str:
     return _encode({"action": "reconnect", "reason": reason})
 
 
-def event_frame(channel: str, raw_envelope: bytes, cursor: str) -> bytes:
-    """The ``event`` message, embedding the envelope's bytes as received (no re-encoding)."""
+def event_frame(channel: str, raw_envelope: bytes, cursor: str, seq: int | None = None) -> bytes:
+    """The ``event`` message, embedding the envelope's bytes as received (no re-encoding).
+
+    ``seq`` is a state channel's sequence number (cluster/state.py): one more than the
+    previous event of the channel, so a client sees a gap (conflation, lag, bus loss).
+    """
     return b"".join(
         (
             b'{"action":"event","channel":',
@@ -239,7 +249,7 @@ def event_frame(channel: str, raw_envelope: bytes, cursor: str) -> bytes:
             raw_envelope,
             b',"cursor":',
             orjson.dumps(cursor),
-            b"}",
+            b"}" if seq is None else b',"seq":%d}' % seq,
         )
     )
 
@@ -257,8 +267,11 @@ def subscribe_request(
     priority: str | None = None,
     limit: float | None = None,
     since: str | None = None,
+    snapshot: bool | None = None,
 ) -> str:
     options: dict[str, Any] = {}
+    if snapshot is not None:
+        options["snapshot"] = snapshot
     if priority is not None:
         options["priority"] = priority
     if limit is not None:
@@ -327,6 +340,7 @@ class Event(ServerMessage):
     channel: str = ""
     data: dict[str, Any] | None = None
     cursor: str | None = None
+    seq: int | None = None  # state channels: consecutive per channel; a jump is a gap
 
     @property
     def event_id(self) -> str | None:
@@ -378,8 +392,14 @@ def parse_server_message(data: str | bytes) -> ServerMessage:
     get = doc.get
     if action == "event":
         envelope = get("data")
+        seq = get("seq")
         return Event(
-            action, doc, str(get("channel", "")), envelope if isinstance(envelope, dict) else None, get("cursor")
+            action,
+            doc,
+            str(get("channel", "")),
+            envelope if isinstance(envelope, dict) else None,
+            get("cursor"),
+            seq if type(seq) is int else None,
         )
     if action == "ack":
         recovered = get("recovered")

@@ -152,6 +152,21 @@ class Settings:
     # --- recovery --------------------------------------------------------------
     history_size: int = _setting(1000, "PUSH_HISTORY_SIZE", "Events kept per channel for recovery.")
     history_seconds: int = _setting(300, "PUSH_HISTORY_SECONDS", "Seconds events are kept per channel for recovery.")
+    # --- state channels -------------------------------------------------------
+    state_types: tuple[str, ...] = _setting(
+        ("market.ticker", "market.orderbook"),
+        "PUSH_STATE_TYPES",
+        "Event types whose channels are state channels: a subscribe gets their latest value at once, events carry a per-channel seq (comma list).",
+        _csv,
+    )
+    snapshot_max_channels: int = _setting(
+        200,
+        "PUSH_SNAPSHOT_MAX_CHANNELS",
+        "At most this many channels' latest values for one subscribed pattern; an error SNAPSHOT_LIMIT says how many were left out.",
+    )
+    state_seconds: int = _setting(
+        86400, "PUSH_STATE_SECONDS", "Seconds a state channel's latest value is kept after its last publish."
+    )
     # --- operations -------------------------------------------------------------
     log_level: str = _setting("INFO", "PUSH_LOG_LEVEL", "Log level of the JSON-lines log.")
 

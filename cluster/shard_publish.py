@@ -50,6 +50,7 @@ from cluster.bus_routing import EVENTS_PREFIX, admin_shard_channel, routed_messa
 from cluster.history import CLUSTER_PUBLISH_SCRIPT, EPOCH_KEY, channels_key, cluster_stream_key
 from cluster.metrics import SDK_UNREPLICATED
 from cluster.redis_url import async_client, parse_cluster_url
+from cluster.state import state_key, state_set_key, with_seq
 
 T = TypeVar("T")
 
@@ -92,19 +93,30 @@ class ShardedPublisher:
         user_id: str | None,
         max_events: int,
         retention_seconds: int,
+        state_seconds: int | None = None,
     ) -> None:
-        """Store then publish one event; raises the last shard error once ``retry_seconds`` are spent."""
+        """Store then publish one event; raises the last shard error once ``retry_seconds`` are spent.
+
+        ``state_seconds`` marks a state channel (cluster/state.py): its latest value is kept that
+        long and the live message carries the channel's sequence number.
+        """
         retention_ms = retention_seconds * 1000
         if not self._ready:
             await self._retrying(self._prepare)
-        await self._register(channel, retention_ms)
+        await self._register(channels_key(channel), channel, retention_ms)
         stream = cluster_stream_key(channel)
-        await self._retrying(lambda: self._store(stream, [envelope, event_id, max_events, retention_ms]))
+        keys, args = [stream], [envelope, event_id, max_events, retention_ms]
+        if state_seconds is not None:
+            await self._register(state_set_key(channel.partition(":")[0]), channel, state_seconds * 1000)
+            keys.append(state_key(channel, cluster=True))
+            args.append(state_seconds * 1000)
+        seq = await self._retrying(lambda: self._store(keys, args))
+        message = envelope if state_seconds is None else with_seq(seq, envelope)
         if user_id is None:
             bus = EVENTS_PREFIX + channel
-            await self._retrying(lambda: self._on_owner(PUBLIC_ROUTE_KEY, lambda shard: shard.publish(bus, envelope)))
+            await self._retrying(lambda: self._on_owner(PUBLIC_ROUTE_KEY, lambda shard: shard.publish(bus, message)))
             return
-        routed = routed_message(channel, envelope)
+        routed = routed_message(channel, message)
         for bus_channel in (user_channel(user_id), admin_shard_channel(user_id)):
             await self._retrying(lambda c=bus_channel: self._on_owner(c, lambda shard: shard.spublish(c, routed)))
 
@@ -120,12 +132,12 @@ class ShardedPublisher:
         await self._cluster.set(EPOCH_KEY, secrets.token_hex(4), nx=True)
         self._ready = True
 
-    async def _register(self, channel: str, retention_ms: int) -> None:
+    async def _register(self, key: str, channel: str, retention_ms: int) -> None:
+        """Add ``channel`` to the set ``key`` (channels with history, or a type's state channels), now and then."""
         now = time.monotonic()
-        last = self._registered.get(channel)
+        last = self._registered.get(key + " " + channel)
         if last is not None and now - last < retention_ms / 1000 * REGISTER_FRACTION:
             return
-        key = channels_key(channel)
 
         async def add() -> None:
             await self._cluster.sadd(key, channel)
@@ -134,15 +146,17 @@ class ShardedPublisher:
         await self._retrying(add)
         if len(self._registered) > 100_000:
             self._registered.clear()
-        self._registered[channel] = now
+        self._registered[key + " " + channel] = now
 
-    async def _store(self, stream: str, args: list[Any]) -> None:
-        async def run(shard: aioredis.Redis) -> None:
+    async def _store(self, keys: list[str], args: list[Any]) -> int:
+        """The history script (and the state hash) on the channel's shard, then WAIT; returns the state seq."""
+
+        async def run(shard: aioredis.Redis) -> int:
             address = _address(shard)
             wait = self.wait_replicas > 0 and self._unreplicated_until.get(address, 0.0) <= time.monotonic()
             pipe = shard.pipeline(transaction=False)
             script = shard.register_script(CLUSTER_PUBLISH_SCRIPT)
-            await script(keys=[stream], args=args, client=pipe)
+            await script(keys=keys, args=args, client=pipe)
             if wait:
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             replies = await pipe.execute()
@@ -150,8 +164,9 @@ class ShardedPublisher:
                 SDK_UNREPLICATED.inc()
                 if wait:  # no replica now (one just took over): do not pay the timeout on every publish
                     self._unreplicated_until[address] = time.monotonic() + UNREPLICATED_BACKOFF_SECONDS
+            return int(replies[0])
 
-        await self._on_owner(stream, run)
+        return await self._on_owner(keys[0], run)
 
     async def _on_owner(self, key: str, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         """Run ``operation`` on a plain client of the master owning ``key``'s slot (one connection: WAIT works)."""

@@ -26,6 +26,7 @@ from cluster.process import StartupError, add_metrics_route, run_process, run_wi
 from cluster.redis_url import is_cluster_url
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
+from cluster.state import LatestValues
 from node.endpoint import NODE_STATE, websocket_handler
 from node.heartbeat import run_heartbeat
 from node.hub import Hub
@@ -51,7 +52,12 @@ class NodeState:
         self.draining = False
         cluster = isinstance(broker, ClusterBroker)
         history = History(client, settings.history_size, cluster=cluster) if client is not None else None
-        self.recovery = Recovery(self.hub, history, settings.max_envelope_bytes)
+        latest = (
+            LatestValues(client, settings.state_types, settings.snapshot_max_channels, cluster=cluster)
+            if client is not None
+            else None
+        )
+        self.recovery = Recovery(self.hub, history, settings.max_envelope_bytes, latest)
         self.bus_position: str | None = None  # history position while the bus was last up
         self._bus_was_up = False
         self._tasks: list[asyncio.Task[Any]] = []

@@ -40,8 +40,9 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 
 _DROPPED = {}  # reason -> labelled counter child, resolved once
 
-HeldEvent = tuple[str, bytes, int, "int | None", "str | None", int]
-"""(event id, frame, rank, expires_at, conflated channel, timestamp) of a live event held during recovery."""
+HeldEvent = tuple[str, bytes, int, "int | None", "str | None", int, str, "int | None"]
+"""(event id, frame, rank, expires_at, conflated channel, timestamp, channel, state seq) of a live event
+held during recovery or a snapshot."""
 
 
 def count_drop(reason: str, n: int = 1) -> None:

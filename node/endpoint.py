@@ -272,13 +272,14 @@ class Session:
             subscribed.append(text)
         if subscribed:
             replays: dict = {}
+            snapshots: dict = {}
             try:
-                replays = await self._acknowledge(message, subscribed, added)
+                replays, snapshots = await self._acknowledge(message, subscribed, added)
             finally:
                 # Whatever happened, held subscriptions go live: a subscription left holding
                 # would silently never deliver again.
                 if added:
-                    self.state.recovery.resume(conn, [s for _, s in added], replays)
+                    self.state.recovery.resume(conn, [s for _, s in added], replays, snapshots)
             log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)
         if invalid:
             self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)
@@ -294,8 +295,9 @@ class Session:
 
     async def _acknowledge(
         self, message: protocol.Subscribe, subscribed: list[str], added: list[tuple[str, Subscription]]
-    ) -> dict:
-        """Send the ack once the new subscriptions' events are on their way; returns history to replay."""
+    ) -> tuple[dict, dict]:
+        """Send the ack once the new subscriptions' events are on their way; returns history to replay
+        and the latest values of the state channels the new subscriptions match (SPEC-silent, README)."""
         hub, conn = self.state.hub, self.conn
         recovered = None
         replays: dict = {}
@@ -312,9 +314,22 @@ class Session:
                 else True  # already live on this connection: nothing was missed
                 for text in subscribed
             }
+        snapshots: dict = {}
+        if added and message.snapshot:  # a recovered subscription gets its history instead
+            wanted = {s.pattern: text for text, s in added if not (recovered and recovered.get(text))}
+            snapshots = await self.state.recovery.snapshots(list(wanted))
         position = await self.state.recovery.position()
         conn.send_control(protocol.ack(message.id, subscribed=subscribed, recovered=recovered, cursor=position))
-        return replays
+        for pattern, snapshot in snapshots.items():
+            if snapshot.left_out:
+                limit = self.state.settings.snapshot_max_channels
+                self._error(
+                    ErrorCode.SNAPSHOT_LIMIT,
+                    f"latest values of {limit} channels sent, {snapshot.left_out} more left out",
+                    message.id,
+                    [wanted[pattern]],
+                )
+        return replays, snapshots
 
     def unsubscribe(self, message: protocol.Unsubscribe) -> None:
         removed: list[str] = []

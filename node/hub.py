@@ -40,6 +40,7 @@ from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legac
 from cluster.history import make_cursor
 from cluster.logs import RateLimitedLog
 from cluster.metrics import BUS_COUNTS, BUS_PLAIN_PRIVATE, EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
+from cluster.state import split_seq
 from node.connection import (
     WRITE_HIGH_WATER,
     ClientConnection,
@@ -227,7 +228,9 @@ class Hub:
         else:
             BUS_COUNTS.unwanted += 1
             return
+        seq, data = split_seq(data)
         envelope = parse_envelope(data, self.max_envelope_bytes)
+        envelope.seq = seq
         if envelope.type != channel.type:
             raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
         if envelope.user_id is not None and not replayed:
@@ -265,7 +268,9 @@ class Hub:
         if not any(_wants(conn, candidates) for conn in recipients):
             BUS_COUNTS.unwanted += 1
             return None
+        seq, raw = split_seq(raw)
         envelope = parse_envelope(raw, self.max_envelope_bytes)
+        envelope.seq = seq
         if envelope.type != channel.type:
             raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
         return name, channel, candidates, envelope
@@ -317,7 +322,9 @@ class Hub:
         recipients = self._recipients(channel, candidates, envelope, route)
         if recipients is None:
             return 0
-        frame = text_frame(protocol.event_frame(name, envelope.raw, make_cursor(self.epoch, name, envelope.id)))
+        frame = text_frame(
+            protocol.event_frame(name, envelope.raw, make_cursor(self.epoch, name, envelope.id), envelope.seq)
+        )
         rank, expires_at, timestamp = envelope.priority, envelope.expires_at, envelope.timestamp
         conflate = name if channel.type in CONFLATED_TYPES else None
         now = asyncio.get_running_loop().time()  # the push buckets' clock
@@ -337,7 +344,7 @@ class Hub:
                 conn.transport.write(frame)
                 written += 1
             elif subscription.held is not None:
-                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp))
+                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, envelope.seq))
             elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp):
                 written += 1
         if written:

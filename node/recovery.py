@@ -12,14 +12,15 @@ already sent. Nothing is lost at the seam and nothing is sent twice.
 from __future__ import annotations
 
 import logging
-import time
 
 from cluster import protocol
 from cluster.broker import BUS_ERRORS
 from cluster.channels import ANY, NO_KEY, Pattern, parse_channel
+from cluster.clock import now_ms
 from cluster.envelope import EnvelopeError, parse_envelope
 from cluster.history import Cursor, History, Replay, make_cursor, parse_cursor
 from cluster.logs import log
+from cluster.state import LatestValues, Snapshot, with_seq
 from node.connection import ClientConnection, Subscription, count_drop, text_frame
 from node.hub import EVENTS_PREFIX_BYTES, Hub
 from node.queue import CONFLATED_TYPES
@@ -32,10 +33,26 @@ CATCH_UP_OVERLAP_SECONDS = 10.0
 class Recovery:
     """Replays history for one node's subscriptions."""
 
-    def __init__(self, hub: Hub, history: History | None, max_envelope_bytes: int) -> None:
+    def __init__(
+        self, hub: Hub, history: History | None, max_envelope_bytes: int, latest: LatestValues | None = None
+    ) -> None:
         self.hub = hub
         self.history = history
         self.max_envelope_bytes = max_envelope_bytes
+        self.latest = latest
+
+    async def snapshots(self, patterns: list[Pattern]) -> dict[Pattern, Snapshot]:
+        """The latest values of the state channels each pattern matches; nothing while Redis is away."""
+        if self.latest is None:
+            return {}
+        found: dict[Pattern, Snapshot] = {}
+        try:
+            for pattern in patterns:
+                if self.latest.types_of(pattern):
+                    found[pattern] = await self.latest.snapshot(pattern)
+        except BUS_ERRORS as exc:
+            log("snapshot_failed", logging.WARNING, node=self.hub.node_id, reason=type(exc).__name__)
+        return found
 
     async def fetch(self, since: str, patterns: list[Pattern]) -> dict[Pattern, Replay]:
         """History after the cursor ``since`` for each pattern; unknown or lost cursors recover nothing."""
@@ -83,30 +100,54 @@ class Recovery:
                     conn.send_control(protocol.lagged(0, "bus_interrupted"))
             return 0
         self.hub.expect_overlap(CATCH_UP_OVERLAP_SECONDS)
-        for name, raw in replay.events:
-            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), raw, replayed=True)
+        for name, raw, seq in replay.events:
+            message = raw if seq is None else with_seq(seq, raw)
+            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), message, replayed=True)
         return len(replay.events)
 
-    def resume(self, conn: ClientConnection, subscriptions: list[Subscription], replays: dict[Pattern, Replay]) -> None:
-        """Offer replayed then held events, once each, and switch the subscriptions to live."""
+    def resume(
+        self,
+        conn: ClientConnection,
+        subscriptions: list[Subscription],
+        replays: dict[Pattern, Replay],
+        snapshots: dict[Pattern, Snapshot] | None = None,
+    ) -> None:
+        """Offer replayed events (or, without them, state snapshots) then held ones, once each, and go live.
+
+        A held live event of a state channel that is not newer than what the replay or the
+        snapshot already gave for that channel is skipped: the client never steps back.
+        """
         sent: set[str] = set()
+        newest: dict[str, int] = {}  # state channel -> highest seq offered so far
         for subscription in subscriptions:
             replay = replays.get(subscription.pattern)
             if replay is not None and replay.recovered:
-                for channel_name, raw in replay.events:
-                    self._offer_history(conn, subscription, channel_name, raw, sent)
+                for channel_name, raw, seq in replay.events:
+                    self._offer_history(conn, subscription, channel_name, raw, seq, sent, newest)
+            elif snapshots and (snapshot := snapshots.get(subscription.pattern)) is not None:
+                for latest in snapshot.values:
+                    self._offer_history(conn, subscription, latest.channel, latest.envelope, latest.seq, sent, newest)
         for subscription in subscriptions:
             held, subscription.held = subscription.held or [], None
-            for event_id, frame, rank, expires_at, conflate, timestamp in held:
+            for event_id, frame, rank, expires_at, conflate, timestamp, name, seq in held:
                 if event_id in sent:
                     continue
+                if seq is not None and seq <= newest.get(name, 0):
+                    continue  # older than the state the client already has
                 sent.add(event_id)
-                if expires_at is not None and expires_at < time.time_ns() // 1_000_000:
+                if expires_at is not None and expires_at < now_ms():
                     continue
                 conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp)
 
     def _offer_history(
-        self, conn: ClientConnection, subscription: Subscription, name: str, raw: bytes, sent: set[str]
+        self,
+        conn: ClientConnection,
+        subscription: Subscription,
+        name: str,
+        raw: bytes,
+        seq: int | None,
+        sent: set[str],
+        newest: dict[str, int],
     ) -> None:
         try:
             envelope = parse_envelope(raw, self.max_envelope_bytes)
@@ -116,11 +157,13 @@ class Recovery:
             return
         if envelope.id in sent or envelope.priority > subscription.max_rank:
             return
-        if envelope.expires_at is not None and envelope.expires_at < time.time_ns() // 1_000_000:
+        if envelope.expires_at is not None and envelope.expires_at < now_ms():
             return
         if not self.hub.may_receive(conn, envelope, channel.domain):
             return
         sent.add(envelope.id)
-        frame = text_frame(protocol.event_frame(name, raw, make_cursor(self.hub.epoch, name, envelope.id)))
+        if seq is not None and seq > newest.get(name, 0):
+            newest[name] = seq
+        frame = text_frame(protocol.event_frame(name, raw, make_cursor(self.hub.epoch, name, envelope.id), seq))
         conflate = name if channel.type in CONFLATED_TYPES else None
         conn.offer(frame, envelope.priority, envelope.expires_at, conflate, subscription.bucket, envelope.timestamp)

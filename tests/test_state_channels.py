@@ -1,0 +1,110 @@
+"""State channels (issue 15): the latest value on subscribe, per-channel sequence numbers, gap detection.
+
+``market.ticker`` and ``market.orderbook`` are state channels by default: the SDK keeps
+each channel's latest event and a sequence number in Redis; a subscribe gets the latest
+value of every matching channel right after its ack, and events carry ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import async_wait_until, publish
+
+from cluster.client import PushClient
+
+
+def ticker(node: Any, key: str, price: float, **kwargs: Any) -> dict[str, Any]:
+    return publish(node.redis_url, "market.ticker", {"price": price}, key=key, **kwargs)
+
+
+async def test_a_subscriber_gets_the_latest_value_at_once_then_live_events_in_sequence(start_node, connect) -> None:
+    node = start_node("state-1")
+    published = [ticker(node, "SNAP/1", price) for price in (1.0, 2.0, 3.0)]
+    client = await connect(node)
+    ack = await client.subscribe(["market.ticker:SNAP/1"])
+    assert ack["subscribed"] == ["market.ticker:SNAP/1"]
+    [latest] = await client.events(1, timeout=2)
+    assert latest["data"]["id"] == published[2]["id"] and latest["seq"] == 3
+    await client.no_event(0.3)  # only the latest, not the history
+    live = [ticker(node, "SNAP/1", price) for price in (4.0, 5.0)]
+    events = await client.events(2)
+    assert [e["data"]["id"] for e in events] == [e["id"] for e in live]
+    assert [e["seq"] for e in events] == [4, 5]
+
+
+async def test_a_wildcard_gets_the_latest_value_of_every_key_and_snapshot_false_gets_none(
+    start_node, connect, private_redis
+) -> None:
+    node = start_node("state-2", redis=private_redis)
+    for key in ("W/A", "W/B", "W/C"):
+        ticker(node, key, 1.0)
+        ticker(node, key, 2.0)
+    publish(node.redis_url, "market.trades", {"n": 1}, key="W/A")  # not a state channel
+    client = await connect(node)
+    await client.subscribe(["market.ticker:*"])
+    latest = await client.events(3, timeout=2)
+    assert sorted((e["channel"], e["seq"], e["data"]["payload"]["price"]) for e in latest) == [
+        ("market.ticker:W/A", 2, 2.0),
+        ("market.ticker:W/B", 2, 2.0),
+        ("market.ticker:W/C", 2, 2.0),
+    ]
+    quiet = await connect(node)
+    ack = await quiet.subscribe(["market.ticker:*"], snapshot=False)
+    assert ack["subscribed"] == ["market.ticker:*"]
+    await quiet.no_event(0.5)
+
+
+async def test_a_wildcard_beyond_the_snapshot_limit_says_how_many_were_left_out(
+    start_node, connect, private_redis
+) -> None:
+    node = start_node("state-3", redis=private_redis, PUSH_SNAPSHOT_MAX_CHANNELS="2")
+    for key in ("L/A", "L/B", "L/C", "L/D"):
+        ticker(node, key, 1.0)
+    client = await connect(node)
+    await client.send({"action": "subscribe", "channels": ["market.ticker:*"], "id": "big"})
+    ack = await client.recv_action("ack")
+    assert ack["subscribed"] == ["market.ticker:*"]
+    error = await client.recv_action("error")
+    assert error["code"] == "SNAPSHOT_LIMIT" and error["channels"] == ["market.ticker:*"]
+    assert "2 more" in error["message"]
+    assert len(await client.events(2, timeout=2)) == 2
+    await client.no_event(0.3)
+
+
+async def test_an_expired_latest_value_is_not_sent(start_node, connect) -> None:
+    node = start_node("state-4")
+    ticker(node, "TTL/1", 1.0, ttl=200)
+    await asyncio.sleep(0.4)
+    client = await connect(node)
+    await client.subscribe(["market.ticker:TTL/1"])
+    await client.no_event(0.5)
+
+
+async def test_sequence_numbers_have_no_gap_in_a_quiet_stream_and_show_one_after_conflation(start_node, connect) -> None:
+    node = start_node("state-5")
+    client = await connect(node)
+    await client.subscribe(["market.orderbook:GAP/1"], limit=1)  # one event per second: the rest is conflated
+    for i in range(6):
+        publish(node.redis_url, "market.orderbook", {"n": i}, key="GAP/1")
+    first = await client.events(1, timeout=3)
+    second = await client.events(1, timeout=3)
+    assert first[0]["seq"] == 1
+    assert second[0]["seq"] == 6  # 2..5 were replaced in the queue by newer books: a gap the client sees
+
+
+async def test_push_client_resubscribes_for_a_fresh_snapshot_when_it_sees_a_gap(start_node) -> None:
+    node = start_node("state-6")
+    books: list[int] = []
+    gaps: list[tuple[str, int, int]] = []
+    client = PushClient(node.url, on_gap=lambda channel, expected, got: gaps.append((channel, expected, got)))
+    client.subscribe(["market.orderbook:RS/1"], lambda e: books.append(e["seq"]), limit=1)
+    async with client:
+        await asyncio.wait_for(client.subscriptions[0].acked.wait(), 5)
+        for i in range(6):
+            publish(node.redis_url, "market.orderbook", {"n": i}, key="RS/1")
+        await async_wait_until(lambda: gaps, timeout=5, message="a gap")
+        await async_wait_until(lambda: books and books[-1] == 6, timeout=5, message="the latest book")
+    assert gaps[0][0] == "market.orderbook:RS/1"
+    assert gaps[0][1] < gaps[0][2]
