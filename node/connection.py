@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from cluster import protocol
 from cluster.auth import Identity
@@ -25,6 +23,7 @@ from cluster.channels import Pattern
 from cluster.limits import TokenBucket
 from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
 from node.queue import EventQueue, QueuedEvent, SlowConsumer
+from node.wsframes import PING_FRAME, control_frame, text_frame
 
 if TYPE_CHECKING:
     from cluster.settings import Settings
@@ -102,7 +101,7 @@ class ClientConnection:
         self,
         connection_id: str,
         identity: Identity,
-        ws: web.WebSocketResponse,
+        ws: Any,  # web.WebSocketResponse or node.websocket.WebSocket: receive, send_str, close
         transport: asyncio.Transport,
         settings: Settings,
         remote: str | None,
@@ -231,16 +230,22 @@ class ClientConnection:
             observe_latency(oldest_timestamp)
 
     async def _wait_writable(self) -> bool:
-        """Wait until the socket drains below the high-water mark; False if it stalls."""
-        waited = 0.0
+        """Wait until the socket drains below the high-water mark; False if it stalls.
+
+        The node's own WebSocket says when its transport drains (``resume_writing``):
+        the writer sleeps until then instead of polling every 20 ms.
+        """
+        wait_writable = getattr(self.ws, "wait_writable", None)
+        started = self._loop.time()
         while self.transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
             if self.transport.is_closing():
                 return False
+            waited = self._loop.time() - started
             if waited >= self._stall_seconds:
                 self.close_slow_consumer("socket not draining")
                 return False
-            await asyncio.sleep(STALL_POLL_SECONDS)
-            waited += STALL_POLL_SECONDS
+            if wait_writable is None or not await wait_writable(self._stall_seconds - waited):
+                await asyncio.sleep(STALL_POLL_SECONDS)
         return True
 
     # --- drops and lagged notices -------------------------------------------------
@@ -335,26 +340,6 @@ class ClientConnection:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-PING_FRAME = b"\x89\x00"
-
-
-def control_frame(first_byte: int, payload: bytes) -> bytes:
-    """A complete, unmasked control frame (payload at most 125 bytes)."""
-    return bytes((first_byte, len(payload))) + payload
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) for ``payload``."""
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x81, length))
-    elif length < 65536:
-        header = bytes((0x81, 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + length.to_bytes(8, "big")
-    return header + payload
 
 
 def observe_latency(timestamp_ms: int) -> None:
