@@ -14,6 +14,7 @@ client in one ``lagged`` notice per reason per ``lagged_interval``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ class ClientConnection:
         "close_reason",
         "heard",
         "pinged",
+        "nagle",
         "__weakref__",
     )  # thousands per node: no per-instance dict
 
@@ -128,6 +130,7 @@ class ClientConnection:
         self.close_reason = ""
         self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
         self.pinged = False  # a ping went out in the last round and nothing came since
+        self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
 
     # --- identity -------------------------------------------------------------
 
@@ -155,6 +158,8 @@ class ClientConnection:
                 if bucket is not None:
                     bucket.take(now)
                 self.transport.write(frame)
+                if rank == 0 and self.nagle:
+                    self.push_now()
                 return True
         try:
             if self.queue is None:
@@ -226,6 +231,10 @@ class ClientConnection:
             frames.append(head.frame)
         if frames:
             self.transport.writelines(frames)
+            if self.nagle:
+                # Paced writes go out as paced: a client timing arrivals against its push
+                # limit must not see a held batch land together with the next one.
+                self.push_now()
             EVENTS_DELIVERED.inc(len(frames))
             observe_latency(oldest_timestamp)
 
@@ -290,13 +299,49 @@ class ClientConnection:
         """Answer a client's ping (RFC 6455 §5.5.3), unless the socket is backed up or closing."""
         if not self.transport.is_closing() and self.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.transport.write(control_frame(0x8A, payload[:125]))
+            if self.nagle:
+                self.push_now()
 
     # --- control messages and closing -------------------------------------------------
 
     def send_control(self, message: str) -> None:
-        """Send a protocol message (ack, error, pong, lagged): not rate-limited, not queued."""
+        """Send a protocol message (ack, error, pong, lagged): not rate-limited, not queued, not delayed."""
         if not self.transport.is_closing():
             self.transport.write(text_frame(message.encode()))
+            if self.nagle:
+                self.push_now()
+
+    # --- coalescing small frames in the kernel (PUSH_TCP_NODELAY off) ---------------------
+
+    def coalesce(self) -> None:
+        """Let the kernel hold small frames while earlier ones are unacknowledged (Nagle).
+
+        Under fan-out most of a node's CPU is one ``write`` per delivery, and with
+        TCP_NODELAY each of those sends a segment (on loopback it also runs the
+        receiver's TCP). With Nagle a write to a connection whose previous frame is
+        not acknowledged yet only appends to the socket's queue; the kernel sends
+        them together when the ACK comes (as Nchan's subscriber sockets do). The
+        latency this adds is bounded by the client's ACK: p0 events, replies and the
+        writer's paced batches (events that waited for the push limit or a backed-up
+        socket) are pushed at once (:meth:`push_now`).
+        """
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            except OSError:
+                return
+            self.nagle = True
+
+    def push_now(self) -> None:
+        """Send what the kernel holds for this socket now (setting TCP_NODELAY flushes it)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            except OSError:
+                pass  # the socket is closing
 
     def close_slow_consumer(self, reason: str) -> None:
         self.close_soon(protocol.CloseCode.SLOW_CONSUMER, f"slow consumer: {reason}", drop_reason="slow_consumer")

@@ -153,6 +153,8 @@ async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, trans
         await ws.send_str(
             protocol.welcome(conn.id, state.node_id, identity.user_id, identity.expires_at, settings.public_limits())
         )
+        if not settings.tcp_nodelay:
+            conn.coalesce()  # after the handshake and the welcome, which go out at once
         reason = await session.serve()
     except (ConnectionError, asyncio.CancelledError):
         reason = "connection lost"
