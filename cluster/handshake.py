@@ -9,8 +9,8 @@ browsers can see why.
 from __future__ import annotations
 
 import asyncio
-
-from aiohttp import web
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from cluster import protocol
 from cluster.auth import ANONYMOUS, AuthError, Identity, TokenVerifier
@@ -21,13 +21,26 @@ from cluster.settings import Settings
 REJECT_CLOSE_TIMEOUT_SECONDS = 2.0
 
 
-def origin_allowed(settings: Settings, request: web.Request) -> bool:
+class UpgradeRequest(Protocol):
+    """What admission reads from an upgrade request: ``aiohttp.web.Request`` or a node's own request head."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def query(self) -> Mapping[str, str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+
+def origin_allowed(settings: Settings, request: UpgradeRequest) -> bool:
     """The Origin allow-list protects browsers; clients without an Origin header are not browsers."""
     origin = request.headers.get("Origin")
     return not settings.allowed_origins or origin is None or origin in settings.allowed_origins
 
 
-def token_from_request(request: web.Request) -> str | None:
+def token_from_request(request: UpgradeRequest) -> str | None:
     """The JWT from ``?token=`` or ``Authorization: Bearer``, if any."""
     token = request.query.get("token")
     if token:
@@ -50,8 +63,11 @@ def authenticate(verifier: TokenVerifier, token: str | None, allow_anonymous: bo
     return verifier.verify(token)
 
 
-async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code: int, reason: str) -> None:
-    """Refuse a connection after the upgrade: an error message, then the close code."""
+async def reject(ws: Any, code: str, message: str, close_code: int, reason: str) -> None:
+    """Refuse a connection after the upgrade: an error message, then the close code.
+
+    ``ws`` is aiohttp's ``WebSocketResponse`` or a node's own ``node.websocket.WebSocket``.
+    """
     CONNECTIONS_REJECTED.labels(reason).inc()
     PROTOCOL_ERRORS.labels(code).inc()
     try:
@@ -61,7 +77,7 @@ async def reject(ws: web.WebSocketResponse, code: str, message: str, close_code:
         pass  # the client left first
 
 
-async def send_elsewhere(ws: web.WebSocketResponse, reason: str) -> None:
+async def send_elsewhere(ws: Any, reason: str) -> None:
     """Send a client back through the router: ``reconnect``, then close 1012 (SPEC §4). Never raises."""
     try:
         await ws.send_str(protocol.reconnect(reason))

@@ -98,10 +98,14 @@ async def serve_app(
     *,
     started: Callable[[], None],
     drain: Callable[[], Awaitable[None]],
+    front: Callable[[web.Server], Callable[[], asyncio.BaseProtocol]] | None = None,
 ) -> None:
     """Serve ``app`` until ``stop`` is set or SIGTERM/SIGINT arrives, then ``drain`` and clean up.
 
-    Raises :class:`StartupError` before the app starts if the port cannot be bound.
+    ``front``, given aiohttp's protocol factory for the app, returns the protocol
+    factory the port listens with instead of aiohttp's (the node's own WebSocket
+    upgrade, :mod:`node.front`). Raises :class:`StartupError` before the app
+    starts if the port cannot be bound.
     """
     sock = listen(settings.host, settings.port, settings.listen_backlog)
     stop = stop or asyncio.Event()
@@ -111,14 +115,21 @@ async def serve_app(
             loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     metrics_runner: web.AppRunner | None = None
+    server: asyncio.AbstractServer | None = None
     try:
         await runner.setup()
-        await web.SockSite(runner, sock, backlog=settings.listen_backlog).start()
+        if front is None:
+            await web.SockSite(runner, sock, backlog=settings.listen_backlog).start()
+        else:
+            assert runner.server is not None
+            server = await loop.create_server(front(runner.server), sock=sock, backlog=settings.listen_backlog)
         metrics_runner = await _start_metrics_listener(settings)
         started()
         await stop.wait()
         await drain()
     finally:
+        if server is not None:
+            server.close()  # stop accepting; the node's drain has closed its WebSockets
         await runner.cleanup()
         sock.close()
         if metrics_runner is not None:  # last: the drain stays visible to the scraper

@@ -121,6 +121,13 @@ class Settings:
         2.0, "PUSH_BUS_LINGER_SECONDS", "Seconds a bus subscription nobody uses any more is kept before UNSUBSCRIBE."
     )
     ws_heartbeat: float = _setting(30.0, "PUSH_WS_HEARTBEAT", "Seconds between WebSocket protocol pings.")
+    tcp_nodelay: bool = _setting(
+        False,
+        "PUSH_TCP_NODELAY",
+        "Write every event frame to the network at once; off: the kernel coalesces small frames while earlier "
+        "ones are unacknowledged (Nagle, as Nchan); p0 events, replies and paced writes still go out at once.",
+        _bool,
+    )
     # --- cluster ---------------------------------------------------------------
     drain_seconds: float = _setting(
         10.0, "PUSH_DRAIN_SECONDS", "Window over which a stopping node spreads its reconnects."

@@ -1189,6 +1189,13 @@ def render_comparison(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def parse_node_setting(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("PUSH_"):
+        raise argparse.ArgumentTypeError(f"expected PUSH_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def environment_line(pinned: bool, nchan: str, nice: int = 0) -> str:
     somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
     pin = (
@@ -1276,6 +1283,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="smoke run: W1 200x20, W2 and W2slow 400x50, 4 s, idle 500, storm 1000; ingest 5000 events, bus-storm 1000",
     )
+    parser.add_argument(
+        "--node-setting",
+        type=parse_node_setting,
+        action="append",
+        default=[],
+        metavar="PUSH_NAME=VALUE",
+        help="a node setting for the fan-out and idle workloads (repeatable), e.g. PUSH_TCP_NODELAY=true",
+    )
     parser.add_argument("--no-nchan", action="store_true", help="skip the Nchan reference")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get install nginx/Nchan if missing")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
@@ -1330,7 +1345,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     ingest_rows: list[IngestRow] = []
     try:
         if fanout:
-            servers.append(PushServer(server_cpus, client_cpus, max_users))
+            servers.append(PushServer(server_cpus, client_cpus, max_users, **dict(args.node_setting)))
             if nchan_state == "nchan":
                 servers.append(NchanServer(server_cpus))
             rows = await run_workloads(args, servers)

@@ -1,6 +1,6 @@
 """A push node: the aiohttp application, its background tasks, and running it.
 
-Serves ``/ws`` (see :mod:`node.endpoint`), ``/healthz`` (the process is alive),
+Serves ``/ws`` (see :mod:`node.endpoint`; the node's own upgrade, :mod:`node.front`), ``/healthz`` (the process is alive),
 ``/readyz`` (subscribed to the bus and not draining) and ``/metrics``. On
 SIGTERM/SIGINT it stops accepting, tells every client to ``reconnect`` spread
 over the drain window (close 1012), then exits.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +28,8 @@ from cluster.redis_url import is_cluster_url
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from cluster.state import LatestValues
-from node.endpoint import NODE_STATE, websocket_handler
+from node.endpoint import NODE_STATE, upgrade, websocket_handler
+from node.front import front_factory
 from node.heartbeat import run_heartbeat
 from node.hub import Hub
 from node.membership import NodePresence
@@ -215,7 +217,10 @@ async def serve(
         bus = "memory" if isinstance(state.broker, MemoryBroker) else "redis"
         log("node_started", node=state.node_id, port=settings.port, url=settings.effective_public_url, bus=bus)
 
-    await serve_app(app, settings, state.stopping, started=started, drain=state.drain)
+    def front(http: web.Server) -> Callable[[], asyncio.BaseProtocol]:
+        return front_factory(http, lambda *upgraded: upgrade(state, *upgraded))
+
+    await serve_app(app, settings, state.stopping, started=started, drain=state.drain, front=front)
     if state.failure is not None:
         raise StartupError(state.failure)
     log("node_stopped", node=state.node_id)

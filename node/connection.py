@@ -14,10 +14,9 @@ client in one ``lagged`` notice per reason per ``lagged_interval``.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from cluster import protocol
 from cluster.auth import Identity
@@ -25,6 +24,7 @@ from cluster.channels import Pattern
 from cluster.limits import TokenBucket
 from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
 from node.queue import EventQueue, QueuedEvent, SlowConsumer
+from node.wsframes import PING_FRAME, control_frame, text_frame
 
 if TYPE_CHECKING:
     from cluster.settings import Settings
@@ -96,6 +96,7 @@ class ClientConnection:
         "close_reason",
         "heard",
         "pinged",
+        "nagle",
         "__weakref__",
     )  # thousands per node: no per-instance dict
 
@@ -103,7 +104,7 @@ class ClientConnection:
         self,
         connection_id: str,
         identity: Identity,
-        ws: web.WebSocketResponse,
+        ws: Any,  # web.WebSocketResponse or node.websocket.WebSocket: receive, send_str, close
         transport: asyncio.Transport,
         settings: Settings,
         remote: str | None,
@@ -130,6 +131,7 @@ class ClientConnection:
         self.close_reason = ""
         self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
         self.pinged = False  # a ping went out in the last round and nothing came since
+        self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
 
     # --- identity -------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class ClientConnection:
                 if bucket is not None:
                     bucket.take(now)
                 self.transport.write(frame)
+                if rank == 0 and self.nagle:
+                    self.push_now()
                 return True
         try:
             if self.queue is None:
@@ -228,20 +232,30 @@ class ClientConnection:
             frames.append(head.frame)
         if frames:
             self.transport.writelines(frames)
+            if self.nagle:
+                # Paced writes go out as paced: a client timing arrivals against its push
+                # limit must not see a held batch land together with the next one.
+                self.push_now()
             EVENTS_DELIVERED.inc(len(frames))
             observe_latency(oldest_timestamp)
 
     async def _wait_writable(self) -> bool:
-        """Wait until the socket drains below the high-water mark; False if it stalls."""
-        waited = 0.0
+        """Wait until the socket drains below the high-water mark; False if it stalls.
+
+        The node's own WebSocket says when its transport drains (``resume_writing``):
+        the writer sleeps until then instead of polling every 20 ms.
+        """
+        wait_writable = getattr(self.ws, "wait_writable", None)
+        started = self._loop.time()
         while self.transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
             if self.transport.is_closing():
                 return False
+            waited = self._loop.time() - started
             if waited >= self._stall_seconds:
                 self.close_slow_consumer("socket not draining")
                 return False
-            await asyncio.sleep(STALL_POLL_SECONDS)
-            waited += STALL_POLL_SECONDS
+            if wait_writable is None or not await wait_writable(self._stall_seconds - waited):
+                await asyncio.sleep(STALL_POLL_SECONDS)
         return True
 
     # --- drops and lagged notices -------------------------------------------------
@@ -286,13 +300,49 @@ class ClientConnection:
         """Answer a client's ping (RFC 6455 §5.5.3), unless the socket is backed up or closing."""
         if not self.transport.is_closing() and self.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.transport.write(control_frame(0x8A, payload[:125]))
+            if self.nagle:
+                self.push_now()
 
     # --- control messages and closing -------------------------------------------------
 
     def send_control(self, message: str) -> None:
-        """Send a protocol message (ack, error, pong, lagged): not rate-limited, not queued."""
+        """Send a protocol message (ack, error, pong, lagged): not rate-limited, not queued, not delayed."""
         if not self.transport.is_closing():
             self.transport.write(text_frame(message.encode()))
+            if self.nagle:
+                self.push_now()
+
+    # --- coalescing small frames in the kernel (PUSH_TCP_NODELAY off) ---------------------
+
+    def coalesce(self) -> None:
+        """Let the kernel hold small frames while earlier ones are unacknowledged (Nagle).
+
+        Under fan-out most of a node's CPU is one ``write`` per delivery, and with
+        TCP_NODELAY each of those sends a segment (on loopback it also runs the
+        receiver's TCP). With Nagle a write to a connection whose previous frame is
+        not acknowledged yet only appends to the socket's queue; the kernel sends
+        them together when the ACK comes (as Nchan's subscriber sockets do). The
+        latency this adds is bounded by the client's ACK: p0 events, replies and the
+        writer's paced batches (events that waited for the push limit or a backed-up
+        socket) are pushed at once (:meth:`push_now`).
+        """
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            except OSError:
+                return
+            self.nagle = True
+
+    def push_now(self) -> None:
+        """Send what the kernel holds for this socket now (setting TCP_NODELAY flushes it)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+            except OSError:
+                pass  # the socket is closing
 
     def close_slow_consumer(self, reason: str) -> None:
         self.close_soon(protocol.CloseCode.SLOW_CONSUMER, f"slow consumer: {reason}", drop_reason="slow_consumer")
@@ -336,26 +386,6 @@ class ClientConnection:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-PING_FRAME = b"\x89\x00"
-
-
-def control_frame(first_byte: int, payload: bytes) -> bytes:
-    """A complete, unmasked control frame (payload at most 125 bytes)."""
-    return bytes((first_byte, len(payload))) + payload
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) for ``payload``."""
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x81, length))
-    elif length < 65536:
-        header = bytes((0x81, 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + length.to_bytes(8, "big")
-    return header + payload
 
 
 def observe_latency(timestamp_ms: int) -> None:

@@ -14,19 +14,21 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
 from cluster import protocol
 from cluster.auth import AuthError
 from cluster.channels import ChannelError, parse_pattern
-from cluster.handshake import authenticate, origin_allowed, reject, token_from_request
+from cluster.handshake import UpgradeRequest, authenticate, origin_allowed, reject, token_from_request
 from cluster.limits import TokenBucket
 from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
 from cluster.protocol import CloseCode, ErrorCode, ProtocolError
-from node.connection import ClientConnection, Subscription, push_bucket
+from node.connection import WRITE_HIGH_WATER, ClientConnection, Subscription, push_bucket
+from node.websocket import WebSocket
+from node.wshandshake import RequestHead
 
 if TYPE_CHECKING:
     from node.app import NodeState
@@ -34,9 +36,10 @@ if TYPE_CHECKING:
 LOWEST_RANK = 3
 BUS_SETTLE_SECONDS = 2.0  # longest a subscribe waits for Redis to confirm its bus subscriptions
 NODE_STATE: web.AppKey[NodeState] = web.AppKey("node_state")
+_CLIENT_TASKS: set[asyncio.Task[None]] = set()  # the serving task of each upgraded client, kept referenced
 
 
-async def send_elsewhere(ws: web.WebSocketResponse) -> None:
+async def send_elsewhere(ws: Any) -> None:
     """A draining node turns new clients away: ``reconnect``, then close 1012."""
     CONNECTIONS_REJECTED.labels("draining").inc()
     try:
@@ -47,33 +50,68 @@ async def send_elsewhere(ws: web.WebSocketResponse) -> None:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    """``/ws`` through aiohttp: an upgrade that came on a keep-alive connection after another request."""
     state = request.app[NODE_STATE]
-    settings = state.settings
     ws = web.WebSocketResponse(
         heartbeat=None,  # one node-wide task pings every connection (node.heartbeat)
         autoping=False,  # pings and pongs reach Session.serve: any frame proves the client alive
-        max_msg_size=settings.max_frame_bytes * 4,
+        max_msg_size=state.settings.max_frame_bytes * 4,
         compress=False,
         decode_text=False,
         timeout=2.0,
     )
     await ws.prepare(request)
+    assert request.transport is not None
+    await serve_client(state, request, ws, request.transport)
+    return ws
+
+
+def upgrade(state: NodeState, transport: asyncio.Transport, request: RequestHead, response: bytes, rest: bytes) -> None:
+    """Take over a connection whose first request is a valid ``/ws`` upgrade (:mod:`node.front`)."""
+    ws = WebSocket(transport, state.settings.max_frame_bytes * 4, WRITE_HIGH_WATER)
+    transport.set_protocol(ws)
+    transport.write(response)
+    peer = transport.get_extra_info("peername")
+    request.remote = peer[0] if peer else None
+    if rest:
+        ws.data_received(rest)
+    task = asyncio.get_running_loop().create_task(serve_client(state, request, ws, transport))
+    _CLIENT_TASKS.add(task)
+    task.add_done_callback(lambda done: _client_done(done, ws))
+
+
+def _client_done(task: asyncio.Task[None], ws: WebSocket) -> None:
+    _CLIENT_TASKS.discard(task)
+    ws.finish()  # close the socket if the close handshake did not
+
+
+async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, transport: asyncio.Transport) -> None:
+    """Admit an upgraded client (after the upgrade, so browsers see why not), then serve it until it leaves.
+
+    ``ws`` is the node's own :class:`~node.websocket.WebSocket` or aiohttp's
+    ``WebSocketResponse``; ``request`` is dropped once admitted, so the request
+    head is not kept for the connection's lifetime.
+    """
+    settings = state.settings
     remote = request.remote
     forwarded_for = request.headers.get("X-Forwarded-For", "").split(",")[0].strip() or None  # logged, not trusted
 
     if not origin_allowed(settings, request):
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
-        return ws
+        return
     if state.draining:
         await send_elsewhere(ws)
-        return ws
+        return
+    token = token_from_request(request)
+    del request
     try:
-        identity = authenticate(state.verifier, token_from_request(request), settings.allow_anonymous)
+        identity = authenticate(state.verifier, token, settings.allow_anonymous)
     except AuthError as exc:
         AUTH_FAILURES.labels(exc.reason).inc()
         log("auth_failure", logging.WARNING, node=state.node_id, reason=exc.reason, remote=remote)
         await reject(ws, exc.code, exc.message, CloseCode.UNAUTHORIZED, "unauthorized")
-        return ws
+        return
+    del token
 
     connection_id = secrets.token_hex(8)
     if identity.user_id is not None and not await state.slots.acquire(identity.user_id, connection_id):
@@ -91,15 +129,14 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             CloseCode.TOO_MANY_CONNECTIONS,
             "too_many_connections",
         )
-        return ws
+        return
 
     if state.draining:  # the drain began while the slot was being taken: it did not see us
         if identity.user_id is not None:
             await state.slots.release(identity.user_id, connection_id)
         await send_elsewhere(ws)
-        return ws
-    assert request.transport is not None
-    conn = ClientConnection(connection_id, identity, ws, request.transport, settings, remote)
+        return
+    conn = ClientConnection(connection_id, identity, ws, transport, settings, remote)
     state.hub.add(conn)
     WS_CONNECTIONS.inc()
     log(
@@ -116,6 +153,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.send_str(
             protocol.welcome(conn.id, state.node_id, identity.user_id, identity.expires_at, settings.public_limits())
         )
+        if not settings.tcp_nodelay:
+            conn.coalesce()  # after the handshake and the welcome, which go out at once
         reason = await session.serve()
     except (ConnectionError, asyncio.CancelledError):
         reason = "connection lost"
@@ -135,7 +174,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             reason=reason,
             code=conn.close_code or ws.close_code,
         )
-    return ws
 
 
 class Session:
@@ -191,17 +229,17 @@ class Session:
         max_frame = self.state.settings.max_frame_bytes
         loop = asyncio.get_running_loop()
         while True:
-            msg = await ws.receive()
+            msg = await ws.receive()  # aiohttp's WSMessage or node.wsframes.Message: the same type values
             conn.heard = True
-            if msg.type is WSMsgType.PONG:
+            if msg.type == WSMsgType.PONG:
                 continue
-            if msg.type is WSMsgType.PING:
+            if msg.type == WSMsgType.PING:
                 conn.pong(msg.data)
                 continue
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return conn.close_reason or "client closed"
-            if msg.type is WSMsgType.ERROR:
-                return f"protocol error: {msg.data}"
+            if msg.type == WSMsgType.ERROR:
+                return f"protocol error: {msg.extra or msg.data}"
             if conn.closing:
                 continue
             if not self.inbound.take(loop.time()):
@@ -211,7 +249,7 @@ class Session:
                 )
                 await conn.close(CloseCode.FLOODING, "flooding")
                 return "flooding"
-            if msg.type is not WSMsgType.TEXT:
+            if msg.type != WSMsgType.TEXT:
                 self._error(ErrorCode.INVALID_MESSAGE, "only text frames carrying JSON are accepted")
                 continue
             if len(msg.data) > max_frame:

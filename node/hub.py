@@ -342,6 +342,8 @@ class Hub:
                 and conn.bucket.take(now)
             ):
                 conn.transport.write(frame)
+                if rank == 0 and conn.nagle:
+                    conn.push_now()  # p0 never waits for the client's ACK
                 written += 1
             elif subscription.held is not None:
                 conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, envelope.seq))
