@@ -46,6 +46,7 @@ MAX_CHANNELS_PER_MESSAGE = 100
 MAX_REQUEST_ID = 128
 MAX_TOKEN = 8192
 MAX_CURSOR = 512
+DELTA_FORMATS = ("fossil",)  # options.delta values (docs/DELTA.md)
 
 RequestId = Union[str, int, None]
 
@@ -68,6 +69,7 @@ class Subscribe:
     limit: float | None = None  # events per second for these channels
     since: str | None = None
     snapshot: bool = True  # state channels: the latest value of each matching channel right after the ack
+    delta: str | None = None  # "fossil": state channels' events as Fossil deltas of the previous one (docs/DELTA.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,9 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
     snapshot = options.get("snapshot", True)
     if type(snapshot) is not bool:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.snapshot must be true or false", request_id)
+    delta = options.get("delta")
+    if delta is not None and delta not in DELTA_FORMATS:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, 'options.delta must be "fossil"', request_id)
     return Subscribe(
         channels,
         request_id,
@@ -142,6 +147,7 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
         None if limit is None else float(limit),
         since,
         snapshot,
+        delta,
     )
 
 
@@ -268,10 +274,13 @@ def subscribe_request(
     limit: float | None = None,
     since: str | None = None,
     snapshot: bool | None = None,
+    delta: str | None = None,
 ) -> str:
     options: dict[str, Any] = {}
     if snapshot is not None:
         options["snapshot"] = snapshot
+    if delta is not None:
+        options["delta"] = delta
     if priority is not None:
         options["priority"] = priority
     if limit is not None:
@@ -338,9 +347,13 @@ class Ack(ServerMessage):
 @dataclass(frozen=True, slots=True)
 class Event(ServerMessage):
     channel: str = ""
-    data: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # None on a delta channel: see ``text``
     cursor: str | None = None
     seq: int | None = None  # state channels: consecutive per channel; a jump is a gap
+    # delta channels (docs/DELTA.md): ``data`` is a string, kept in ``text``: the envelope's exact
+    # JSON text (``delta`` False) or a Fossil delta from the previous envelope (``delta`` True)
+    delta: bool | None = None
+    text: str | None = None
 
     @property
     def event_id(self) -> str | None:
@@ -393,6 +406,7 @@ def parse_server_message(data: str | bytes) -> ServerMessage:
     if action == "event":
         envelope = get("data")
         seq = get("seq")
+        delta = get("delta")
         return Event(
             action,
             doc,
@@ -400,6 +414,8 @@ def parse_server_message(data: str | bytes) -> ServerMessage:
             envelope if isinstance(envelope, dict) else None,
             get("cursor"),
             seq if type(seq) is int else None,
+            delta if type(delta) is bool else None,
+            envelope if type(envelope) is str else None,
         )
     if action == "ack":
         recovered = get("recovered")

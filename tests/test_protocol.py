@@ -44,6 +44,7 @@ def refused_frame(data: str | bytes) -> ProtocolError:
 def test_error_codes_are_the_spec_list():
     codes = {v for k, v in vars(ErrorCode).items() if not k.startswith("_")}
     assert codes == {
+        "SNAPSHOT_LIMIT",  # issue 15: more state channels matched than PUSH_SNAPSHOT_MAX_CHANNELS
         "INVALID_JSON",
         "INVALID_MESSAGE",
         "UNKNOWN_ACTION",
@@ -137,6 +138,13 @@ def test_subscribe_limit_is_a_positive_number(limit):
     assert parse({"action": "subscribe", "channels": ["a.b"], "options": {"limit": limit}}).limit == float(limit)
 
 
+def test_subscribe_may_ask_for_fossil_deltas_and_no_snapshot():
+    options = {"delta": "fossil", "snapshot": False}
+    message = parse({"action": "subscribe", "channels": ["market.orderbook:BTC/USDT"], "options": options})
+    assert (message.delta, message.snapshot) == ("fossil", False)
+    assert parse({"action": "subscribe", "channels": ["a.b"]}).delta is None
+
+
 def test_subscribe_options_may_be_empty_or_null():
     assert parse({"action": "subscribe", "channels": ["a.b"], "options": {}}) == Subscribe(("a.b",))
     assert parse({"action": "subscribe", "channels": ["a.b"], "options": None}) == Subscribe(("a.b",))
@@ -201,6 +209,14 @@ def test_at_most_100_channels_per_message():
         {"since": ""},
         {"since": 5},
         {"since": "c" * 513},
+        {"snapshot": 0},
+        {"snapshot": "false"},
+        {"delta": "Fossil"},
+        {"delta": "zstd"},
+        {"delta": ""},
+        {"delta": True},
+        {"delta": ["fossil"]},
+        {"delta": {"format": "fossil"}},
     ],
 )
 def test_bad_subscribe_options_are_invalid_message(options):
@@ -283,6 +299,9 @@ def test_client_builders_are_what_the_server_parses() -> None:
     )
     assert message == protocol.Subscribe(("order.*", "market.ticker:BTC/USDT"), "r1", 1, 20.0, "e:@1-2")
     assert protocol.parse_client_message(protocol.subscribe_request(["risk.*"])) == protocol.Subscribe(("risk.*",))
+    assert protocol.parse_client_message(
+        protocol.subscribe_request(["market.orderbook:*"], "r2", snapshot=False, delta="fossil")
+    ) == protocol.Subscribe(("market.orderbook:*",), "r2", snapshot=False, delta="fossil")
     assert protocol.parse_client_message(protocol.unsubscribe_request(["risk.*"], 7)) == protocol.Unsubscribe(
         ("risk.*",), 7
     )
@@ -315,6 +334,22 @@ def test_server_messages_parse_into_their_types() -> None:
     assert isinstance(protocol.parse_server_message(protocol.authenticated("u1", 9)), protocol.Authenticated)
     future = protocol.parse_server_message(b'{"action":"snapshot","x":1}')  # a newer server: passed on, not refused
     assert type(future) is protocol.ServerMessage and future.doc["x"] == 1
+
+
+def test_a_delta_channel_event_keeps_its_data_string_and_says_whether_it_is_a_delta() -> None:
+    """docs/DELTA.md: ``data`` is a JSON string (the envelope's text, or a Fossil delta), ``delta`` says which."""
+    envelope = '{"id":"e1","type":"market.orderbook","payload":{"s":"\u00fc"}}'
+    frame = orjson.dumps(
+        {"action": "event", "channel": "market.orderbook:X", "delta": False, "data": envelope, "cursor": "c", "seq": 4}
+    )
+    event = protocol.parse_server_message(frame)
+    assert isinstance(event, protocol.Event)
+    assert (event.delta, event.text, event.data, event.seq) == (False, envelope, None, 4)
+    doc = {"action": "event", "channel": "market.orderbook:X", "delta": True, "data": "3\n3:abc0;", "cursor": "d"}
+    delta = protocol.parse_server_message(orjson.dumps({**doc, "seq": 5}))
+    assert isinstance(delta, protocol.Event) and (delta.delta, delta.text, delta.data) == (True, "3\n3:abc0;", None)
+    plain = protocol.parse_server_message(protocol.event_frame("market.orderbook:X", envelope.encode(), "c", 4))
+    assert isinstance(plain, protocol.Event) and (plain.delta, plain.text) == (None, None)
 
 
 @pytest.mark.parametrize("frame", [b"not json", b"[1]", b'{"no":"action"}', b'{"action":7}'])
