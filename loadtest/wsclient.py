@@ -24,6 +24,8 @@ from typing import Protocol
 
 import orjson
 
+from cluster.wsframes import client_frame, frame_header
+
 TS_MARKER = b'"tsUs":'
 TS_OFFSET = len(TS_MARKER)
 TS_DIGITS = 16
@@ -43,24 +45,6 @@ class Stats:
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
-
-
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """A masked client frame (RFC 6455 §5.3)."""
-    mask = os.urandom(4)
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x80 | opcode, 0x80 | length))
-    elif length < 65536:
-        header = bytes((0x80 | opcode, 0x80 | 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x80 | opcode, 0x80 | 127)) + length.to_bytes(8, "big")
-    if length:
-        key = (mask * (length // 4 + 1))[:length]
-        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
-    else:
-        masked = b""
-    return header + mask + masked
 
 
 class Subscriber(Protocol):
@@ -132,24 +116,13 @@ class BenchWebSocket(asyncio.Protocol):
         now_us = time.time_ns() // 1000 if self.probe else 0
         latencies = stats.latencies_us
         nchan = self.nchan
-        while n - pos >= 2:
-            length = data[pos + 1] & 0x7F
-            if length < 126:
-                start = pos + 2
-            elif length == 126:
-                if n - pos < 4:
-                    break
-                length = (data[pos + 2] << 8) | data[pos + 3]
-                start = pos + 4
-            else:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                start = pos + 10
+        while (header := frame_header(data, pos)) is not None:
+            first, _, length, header_size = header
+            start = pos + header_size
             end = start + length
             if end > n:
                 break
-            opcode = data[pos] & 0x0F
+            opcode = first & 0x0F
             if opcode == 1 or opcode == 2:
                 if nchan or data.startswith(EVENT_PREFIX, start):
                     count += 1

@@ -23,8 +23,8 @@ from cluster.auth import Identity
 from cluster.channels import Pattern
 from cluster.limits import TokenBucket
 from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
+from cluster.wsframes import PING_FRAME, control_frame, text_frame
 from node.queue import EventQueue, QueuedEvent, SlowConsumer
-from node.wsframes import PING_FRAME, control_frame, text_frame
 
 if TYPE_CHECKING:
     from cluster.settings import Settings

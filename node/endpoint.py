@@ -229,7 +229,7 @@ class Session:
         max_frame = self.state.settings.max_frame_bytes
         loop = asyncio.get_running_loop()
         while True:
-            msg = await ws.receive()  # aiohttp's WSMessage or node.wsframes.Message: the same type values
+            msg = await ws.receive()  # aiohttp's WSMessage or cluster.wsframes.Message: the same type values
             conn.heard = True
             if msg.type == WSMsgType.PONG:
                 continue

@@ -1,4 +1,4 @@
-"""One client's socket after the node's own upgrade: the I/O layer around :mod:`node.wsframes`.
+"""One client's socket after the node's own upgrade: the I/O layer around :mod:`cluster.wsframes`.
 
 Why not aiohttp's ``WebSocketResponse``: aiohttp keeps the parsed request, its
 HTTP parser, a reader queue and a handler task alive for a WebSocket's whole
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from node.wsframes import (
+from cluster.wsframes import (
     CLOSE_NORMAL,
     MSG_CLOSED,
     MSG_ERROR,

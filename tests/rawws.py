@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from cluster.wsframes import client_frame, frame_header
+
 
 class RawWebSocket:
     def __init__(self, host: str, port: int, path: str = "/ws", recv_buffer: int = 4096) -> None:
@@ -36,15 +38,7 @@ class RawWebSocket:
             raise ConnectionError(head.decode(errors="replace"))
 
     def send_json(self, doc: dict[str, Any]) -> None:
-        payload = orjson.dumps(doc)
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        length = len(payload)
-        if length < 126:
-            header = bytes((0x81, 0x80 | length))
-        else:
-            header = bytes((0x81, 0x80 | 126)) + length.to_bytes(2, "big")
-        self.sock.sendall(header + mask + masked)
+        self.sock.sendall(client_frame(orjson.dumps(doc)))
 
     def recv_frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
         """(opcode, payload) of the next frame."""
@@ -65,22 +59,14 @@ class RawWebSocket:
         return orjson.loads(payload)
 
     def _parse(self) -> tuple[int, bytes] | None:
-        data = self.buffer
-        if len(data) < 2:
+        header = frame_header(self.buffer)
+        if header is None:
             return None
-        opcode, length, offset = data[0] & 0x0F, data[1] & 0x7F, 2
-        if length == 126:
-            if len(data) < 4:
-                return None
-            length, offset = int.from_bytes(data[2:4], "big"), 4
-        elif length == 127:
-            if len(data) < 10:
-                return None
-            length, offset = int.from_bytes(data[2:10], "big"), 10
-        if len(data) < offset + length:
+        first, _, length, offset = header
+        if len(self.buffer) < offset + length:
             return None
-        self.buffer = data[offset + length :]
-        return opcode, data[offset : offset + length]
+        data, self.buffer = self.buffer, self.buffer[offset + length :]
+        return first & 0x0F, data[offset : offset + length]
 
     def close(self) -> None:
         self.sock.close()

@@ -11,7 +11,7 @@ import socket
 
 from rawws import RawWebSocket
 
-from node.wsframes import OP_CLOSE, OP_TEXT
+from cluster.wsframes import OP_CLOSE, OP_TEXT
 
 
 def masked(opcode: int, payload: bytes, *, mask: bool = True) -> bytes:

@@ -1,4 +1,4 @@
-"""The node's WebSocket frame reader (node/wsframes.py), bytes in, messages out (RFC 6455 §5).
+"""The node's WebSocket frame reader (cluster/wsframes.py), bytes in, messages out (RFC 6455 §5).
 
 One test per server rule, then hypothesis: any split of a valid stream reads the
 same, and arbitrary or mutated bytes only ever give messages or one ERROR with a
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.wsframes import (
+from cluster.wsframes import (
     MSG_ERROR,
     OP_BINARY,
     OP_CLOSE,
@@ -22,8 +23,10 @@ from node.wsframes import (
     OP_TEXT,
     FrameReader,
     Message,
+    client_frame,
     close_code_allowed,
     close_frame,
+    frame_header,
     text_frame,
     unmask,
 )
@@ -207,3 +210,22 @@ def test_mutated_streams_give_messages_or_one_error(frames, data):
         position = data.draw(st.integers(0, len(stream) - 1))
         stream[position] = data.draw(st.integers(0, 255))
     _well_formed(read(bytes(stream)))
+
+
+# --- the client side of the same codec (load generator, tests) ----------------------------
+
+
+@given(st.binary(max_size=70_000))
+def test_a_client_frame_is_what_the_server_reader_reads(payload: bytes) -> None:
+    reader = FrameReader(max_size=1 << 20)
+    [message] = reader.feed(client_frame(payload, OP_BINARY))
+    assert (message.type, message.data) == (OP_BINARY, payload)
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70_000])
+def test_frame_header_reads_the_lengths_the_server_writes(size: int) -> None:
+    frame = text_frame(b"x" * size)
+    first, second, length, header = frame_header(frame)
+    assert (first & 0x0F, second & 0x80, length) == (OP_TEXT, 0, size)
+    assert frame[header:] == b"x" * size
+    assert frame_header(frame[: header - 1]) is None  # an incomplete header waits for more bytes

@@ -1,8 +1,11 @@
-"""WebSocket frames from clients (RFC 6455 §5), read incrementally: bytes in, messages out.
+"""The one WebSocket frame codec (RFC 6455 §5): the node's server side, and the client side
+the load generator and the tests use.
 
 Pure: no I/O, no asyncio, so it is fuzzed with hypothesis and tested in microseconds
-(tests/test_wsframes.py). The node's socket layer (:mod:`node.websocket`) feeds it
-what it reads and acts on what comes out.
+(tests/test_wsframes.py). The node's socket layer (:mod:`node.websocket`) feeds
+:class:`FrameReader` what it reads and writes the frames built here;
+``loadtest/wsclient.py`` and ``tests/rawws.py`` build masked client frames with
+:func:`client_frame` and read the server's with :func:`frame_header`.
 
 A server's rules for what clients send, and the close code each broken rule gets:
 
@@ -24,6 +27,7 @@ messages from this reader and from aiohttp's alike.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 OP_CONTINUATION = 0x0
@@ -71,6 +75,25 @@ def unmask(mask: bytes, payload: bytes) -> bytes:
     return (int.from_bytes(payload, "little") ^ key).to_bytes(length, "little")
 
 
+def frame_header(buffer: bytes, pos: int = 0) -> tuple[int, int, int, int] | None:
+    """(first byte, second byte, payload length, header size without the mask) of the frame at
+    ``pos``, or None while the header is incomplete. The one place frame lengths are read."""
+    end = len(buffer)
+    if end - pos < 2:
+        return None
+    first, second = buffer[pos], buffer[pos + 1]
+    length = second & 0x7F
+    if length < 126:
+        return first, second, length, 2
+    if length == 126:
+        if end - pos < 4:
+            return None
+        return first, second, int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
+    if end - pos < 10:
+        return None
+    return first, second, int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
+
+
 class FrameReader:
     """Turns the bytes a client sends into messages, enforcing a server's rules."""
 
@@ -92,21 +115,9 @@ class FrameReader:
         messages: list[Message] = []
         pos = 0
         end = len(buffer)
-        while end - pos >= 2:
-            first, second = buffer[pos], buffer[pos + 1]
+        while (parsed := frame_header(buffer, pos)) is not None:
+            first, second, length, header = parsed
             opcode = first & 0x0F
-            length = second & 0x7F
-            header = 2
-            if length == 126:
-                header = 4
-                if end - pos < header:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-            elif length == 127:
-                header = 10
-                if end - pos < header:
-                    break
-                length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
             failure = self._check_header(first, second, opcode, length)
             if failure is not None:
                 messages.append(failure)
@@ -208,17 +219,27 @@ def control_frame(first_byte: int, payload: bytes) -> bytes:
 
 def text_frame(payload: bytes) -> bytes:
     """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) for ``payload``."""
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x81, length))
-    elif length < 65536:
-        header = bytes((0x81, 126)) + length.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + length.to_bytes(8, "big")
-    return header + payload
+    return _length_header(0x81, 0, len(payload)) + payload
 
 
 def close_frame(code: int, reason: bytes = b"") -> bytes:
     """A server close frame (unmasked, §5.5.1); the reason is cut to fit 125 bytes."""
     payload = code.to_bytes(2, "big") + reason[:123]
     return bytes((0x88, len(payload))) + payload
+
+
+def _length_header(first_byte: int, mask_bit: int, length: int) -> bytes:
+    if length < 126:
+        return bytes((first_byte, mask_bit | length))
+    if length < 65536:
+        return bytes((first_byte, mask_bit | 126)) + length.to_bytes(2, "big")
+    return bytes((first_byte, mask_bit | 127)) + length.to_bytes(8, "big")
+
+
+# --- what a client sends (masked, §5.3): the load generator and the tests ------------------
+
+
+def client_frame(payload: bytes, opcode: int = OP_TEXT, mask: bytes | None = None) -> bytes:
+    """A complete, final, masked client frame; ``mask`` is random unless given (tests)."""
+    key = os.urandom(4) if mask is None else mask
+    return _length_header(0x80 | opcode, 0x80, len(payload)) + key + unmask(key, payload)
