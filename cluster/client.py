@@ -16,6 +16,10 @@ token is refreshed before expiry through a callback, and ``lagged`` and
 channels (``market.ticker``, ``market.orderbook``) events carry a per-channel ``seq``;
 a jump (updates conflated or lost) is reported through ``on_gap(channel, expected,
 got)`` and the subscription is renewed, so the node sends the latest value again.
+A subscription may ask for Fossil deltas (``delta="fossil"``, docs/DELTA.md): the client
+keeps the last envelope bytes per channel and rebuilds each envelope from them, so
+handlers see the same events as on a full subscription; a delta it cannot apply
+(unknown base, corrupt) is not delivered, and is handled like a gap — never a wrong book.
 
 Handlers run one at a time in arrival order; while a handler runs the client
 does not read the socket, so a slow handler slows the node's sends to this
@@ -34,11 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
-from cluster import protocol
+from cluster import fossil, protocol
 from cluster.backoff import Backoff
 from cluster.channels import ChannelError, Pattern, parse_channel, parse_pattern
-from cluster.envelope import PRIORITY_RANK
+from cluster.envelope import MAX_ENVELOPE_BYTES, PRIORITY_RANK
 
 Handler = Callable[[dict[str, Any]], Awaitable[None] | None]
 TokenSource = Callable[[], Awaitable[str] | str]
@@ -55,6 +60,8 @@ class ClientSubscription:
     handler: Handler
     priority: str | None = None
     limit: float | None = None
+    snapshot: bool | None = None  # None: the node's default (the latest value of state channels after the ack)
+    delta: str | None = None  # "fossil": state channels' events as deltas (docs/DELTA.md)
     cursor: str | None = None  # the last event (or ack position) seen on this subscription
     request_id: str = ""
     acked: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,6 +69,8 @@ class ClientSubscription:
 
     def __post_init__(self) -> None:
         self.parsed = [parse_pattern(p) for p in self.patterns]
+        if self.delta is not None and self.delta not in protocol.DELTA_FORMATS:
+            raise ValueError(f"delta must be one of {protocol.DELTA_FORMATS}, not {self.delta!r}")
 
     def admits(self, envelope: dict[str, Any] | None) -> bool:
         """Whether the event's priority is within this subscription's ``priority`` (absent: p2)."""
@@ -107,6 +116,10 @@ class PushClient:
         self._ack_callback = on_ack
         self._on_gap = on_gap
         self._last_seq: dict[str, int] = {}  # state channel -> seq of the last event seen on this connection
+        # delta channel -> (seq, envelope bytes) of its last event: the base of the next delta
+        self._bases: dict[str, tuple[int | None, bytes]] = {}
+        # channel -> id of the resubscribe it waits for after an unusable delta (later deltas are dropped quietly)
+        self._resyncing: dict[str, str] = {}
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.fail_fast = fail_fast  # give up if the very first connect fails (CLI use)
@@ -140,10 +153,21 @@ class PushClient:
         await self.close()
 
     def subscribe(
-        self, patterns: list[str], handler: Handler, *, priority: str | None = None, limit: float | None = None
+        self,
+        patterns: list[str],
+        handler: Handler,
+        *,
+        priority: str | None = None,
+        limit: float | None = None,
+        snapshot: bool | None = None,
+        delta: str | None = None,
     ) -> ClientSubscription:
-        """Subscribe now (if connected) and after every reconnect."""
-        subscription = ClientSubscription(list(patterns), handler, priority, limit)
+        """Subscribe now (if connected) and after every reconnect.
+
+        ``snapshot=False``: no latest value of state channels after the ack. ``delta="fossil"``: the
+        node may send state channels' events as deltas; handlers still get whole envelopes.
+        """
+        subscription = ClientSubscription(list(patterns), handler, priority, limit, snapshot, delta)
         self.subscriptions.append(subscription)
         if self._ws is not None and not self._ws.closed:
             self._spawn(self._send_subscribe(subscription))
@@ -212,6 +236,8 @@ class PushClient:
                 elif isinstance(message, protocol.Welcome):
                     self.welcome = message.doc
                     self._last_seq.clear()  # the replays and snapshots of the resubscribe set new baselines
+                    self._bases.clear()  # a new connection starts every delta chain with a full event
+                    self._resyncing.clear()
                     self.connects += 1
                     self._set_state("connected")
                     self.connected.set()
@@ -261,20 +287,26 @@ class PushClient:
             await self._ws.send_str(frame)
 
     async def _send_subscribe(self, subscription: ClientSubscription) -> None:
+        await self._send(self._subscribe_frame(subscription))
+
+    def _subscribe_frame(self, subscription: ClientSubscription) -> str:
+        """The subscribe message for ``subscription``, under a new request id (set now, before it is sent)."""
         subscription.request_id = self._next_id()
         subscription.acked.clear()
-        await self._send(
-            protocol.subscribe_request(
-                subscription.patterns,
-                subscription.request_id,
-                priority=subscription.priority,
-                limit=subscription.limit or None,
-                since=subscription.cursor,
-            )
+        return protocol.subscribe_request(
+            subscription.patterns,
+            subscription.request_id,
+            priority=subscription.priority,
+            limit=subscription.limit or None,
+            since=subscription.cursor,
+            snapshot=subscription.snapshot,
+            delta=subscription.delta,
         )
 
     def _on_ack(self, ack: protocol.Ack) -> None:
         lost = ack.unrecovered
+        for channel in [c for c, request_id in self._resyncing.items() if request_id == ack.id]:
+            del self._resyncing[channel]  # what follows the ack is the fresh snapshot (or a full live event)
         for subscription in self.subscriptions:
             if subscription.request_id != ack.id:
                 continue
@@ -290,19 +322,57 @@ class PushClient:
         """Every subscription whose patterns match and whose priority admits it gets the event, once each
         (the browser client's rule)."""
         targets = [s for s in self.subscriptions if s.matches(event.channel)]
+        doc, envelope = event.doc, event.data
+        if event.text is not None:  # a delta channel: data is the envelope's text or a delta from the last one
+            envelope = self._rebuild(event, targets)
+            if envelope is None:
+                return
+            doc = {key: envelope if key == "data" else value for key, value in doc.items() if key != "delta"}
         for subscription in targets:
             subscription.cursor = event.cursor or subscription.cursor
         if event.seq is not None:
             self._check_sequence(event.channel, event.seq, targets)
-        event_id = event.event_id
+        event_id = envelope.get("id") if envelope else None
         if event_id in self._seen:
             return
         self._seen[event_id] = None
         if len(self._seen) > DEDUP_WINDOW:
             self._seen.popitem(last=False)
         for subscription in targets:
-            if subscription.admits(event.data):
-                await _call(subscription.handler, event.doc)
+            if subscription.admits(envelope):
+                await _call(subscription.handler, doc)
+
+    def _rebuild(self, event: protocol.Event, targets: list[ClientSubscription]) -> dict[str, Any] | None:
+        """The envelope of a delta channel's event, or None when it cannot be trusted.
+
+        A full event replaces the channel's base; a delta is applied only to the base of ``seq - 1``,
+        and Fossil's length and checksum checks refuse a corrupt one. Anything else — no base, another
+        seq, a corrupt delta — is not delivered: the base is forgotten and the channel resubscribed
+        (reported as a gap), so the application never sees a book built on the wrong bytes.
+        """
+        channel, seq, text = event.channel, event.seq, event.text
+        assert text is not None
+        base = self._bases.pop(channel, None)
+        try:
+            if not event.delta:
+                raw = text.encode()
+            elif base is None or seq is None or base[0] is None or base[0] != seq - 1:
+                raise fossil.FossilError("the delta's base is not the last event received on this channel")
+            else:
+                raw = fossil.decode(base[1], text.encode(), max_size=MAX_ENVELOPE_BYTES)
+            envelope = orjson.loads(raw)
+            if not isinstance(envelope, dict):
+                raise ValueError("the envelope is not a JSON object")
+        except ValueError:  # FossilError, JSONDecodeError, UnicodeEncodeError (a lone surrogate) are ValueErrors
+            if channel not in self._resyncing:  # else: still in flight before the resubscribe, dropped quietly
+                last = self._last_seq.get(channel)
+                got = seq if seq is not None else 0
+                self._gap(channel, last + 1 if last is not None else got, got, targets)
+            return None
+        self._bases[channel] = (seq, raw)
+        if not event.delta:
+            self._resyncing.pop(channel, None)  # a full event: the chain starts again here
+        return envelope
 
     def _check_sequence(self, channel: str, seq: int, targets: list[ClientSubscription]) -> None:
         """A state channel's seq must grow by one; a jump means missed updates (conflated, dropped,
@@ -314,16 +384,26 @@ class PushClient:
             return
         if seq <= last:
             return  # a replayed or repeated event: nothing newer was missed
+        self._gap(channel, last + 1, seq, targets)
+
+    def _gap(self, channel: str, expected: int, got: int, targets: list[ClientSubscription]) -> None:
+        """Tell the application and renew the channel's subscriptions, without ``since``: the node then
+        sends the channel's latest value (a full event) right after the ack."""
         self._last_seq.pop(channel, None)  # the snapshot after the resubscribe sets the next baseline
         if self._on_gap is not None:
-            self._spawn(_call(self._on_gap, channel, last + 1, seq))
+            self._spawn(_call(self._on_gap, channel, expected, got))
+        if not targets:
+            return
+        frames = [protocol.unsubscribe_request(sorted({p for s in targets for p in s.patterns}), self._next_id())]
         for subscription in targets:
-            self._spawn(self._resubscribe(subscription))
+            subscription.cursor = None  # a fresh snapshot, not a replay of what was skipped
+            frames.append(self._subscribe_frame(subscription))
+        self._resyncing[channel] = targets[-1].request_id
+        self._spawn(self._send_all(frames))
 
-    async def _resubscribe(self, subscription: ClientSubscription) -> None:
-        await self._send(protocol.unsubscribe_request(subscription.patterns, self._next_id()))
-        subscription.cursor = None  # a fresh snapshot, not a replay of what was skipped
-        await self._send_subscribe(subscription)
+    async def _send_all(self, frames: list[str]) -> None:
+        for frame in frames:
+            await self._send(frame)
 
     def _spawn(self, awaitable: Awaitable[Any]) -> None:
         """Run a callback or send in the background, keeping a reference until it ends."""

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
 
+import orjson
+import pytest
+from aiohttp import web
 from conftest import ROOT, async_wait_until, node_env, publish, token
+from fossil_fixtures import next_book, order_book
 
+from cluster import fossil, protocol
 from cluster.client import PushClient
 
 
@@ -136,3 +142,201 @@ async def test_every_matching_subscriptions_handler_gets_the_event_once(start_no
     assert everything == ["order.created", "order.filled", "risk.alert", "risk.alert"]
     assert fills == ["order.filled"]
     assert urgent == ["high"]
+
+
+# --- delta frames (docs/DELTA.md), against a scripted node: a real socket, our client as is --------------
+
+
+class ScriptedNode:
+    """A WebSocket server that plays the node: it welcomes each connection, records what the client
+    sends, and sends what the test tells it to (acks included, so the test orders every frame)."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[dict] = asyncio.Queue()
+        self.ws: web.WebSocketResponse | None = None
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> ScriptedNode:
+        app = web.Application()
+        app.router.add_get("/ws", self._serve)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"ws://127.0.0.1:{port}/ws"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _serve(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.ws = ws
+        await ws.send_str(protocol.welcome("c1", "scripted", None, None, {}))
+        async for message in ws:
+            await self.inbox.put(orjson.loads(message.data))
+        return ws
+
+    async def expect(self, action: str) -> dict:
+        doc = await asyncio.wait_for(self.inbox.get(), 5)
+        assert doc["action"] == action, doc
+        return doc
+
+    async def ack(self, subscribe: dict) -> None:
+        await self.send(protocol.ack(subscribe["id"], subscribed=subscribe["channels"], cursor="e:0"))
+
+    async def send(self, frame: str | bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send_str(frame if isinstance(frame, str) else frame.decode())
+
+
+@pytest.fixture
+async def scripted_node():
+    node = await ScriptedNode().start()
+    yield node
+    await node.stop()
+
+
+BOOK = "market.orderbook:BTC/USDT"
+
+
+def books(count: int, seed: int = 15) -> list[bytes]:
+    """``count`` successive 50-level order books, as the node holds them: exact envelope bytes."""
+    rng = random.Random(seed)
+    book = order_book(rng)
+    out = [book]
+    for _ in range(count - 1):
+        out.append(next_book(out[-1], rng))
+    return [orjson.dumps(b) for b in out]
+
+
+def full_frame(raw: bytes, seq: int) -> bytes:
+    return orjson.dumps(
+        {"action": "event", "channel": BOOK, "delta": False, "data": raw.decode(), "cursor": f"e:{seq}", "seq": seq}
+    )
+
+
+def delta_frame(base: bytes, raw: bytes, seq: int, delta: bytes | None = None) -> bytes:
+    text = (delta if delta is not None else fossil.encode(base, raw)).decode()
+    return orjson.dumps(
+        {"action": "event", "channel": BOOK, "delta": True, "data": text, "cursor": f"e:{seq}", "seq": seq}
+    )
+
+
+def as_full_subscriber_sees_it(raw: bytes, seq: int) -> dict:
+    """The event a subscriber without deltas gets for the same envelope (what the handler must get)."""
+    return protocol.parse_server_message(protocol.event_frame(BOOK, raw, f"e:{seq}", seq)).doc
+
+
+async def delta_client(node: ScriptedNode, **options) -> tuple[PushClient, list[dict], list[tuple], dict]:
+    received: list[dict] = []
+    gaps: list[tuple] = []
+    client = PushClient(node.url, on_gap=lambda *gap: gaps.append(gap), min_backoff=0.01, max_backoff=0.05, **options)
+    client.subscribe([BOOK], received.append, delta="fossil")
+    await client.start()
+    subscribe = await node.expect("subscribe")
+    await node.ack(subscribe)
+    await asyncio.wait_for(client.subscriptions[0].acked.wait(), 5)
+    return client, received, gaps, subscribe
+
+
+async def test_a_delta_subscriber_gets_the_same_events_as_a_full_subscriber_byte_for_byte(scripted_node):
+    raws = books(12)
+    client, received, gaps, subscribe = await delta_client(scripted_node)
+    try:
+        assert subscribe["options"] == {"delta": "fossil"}
+        await scripted_node.send(full_frame(raws[0], 1))
+        for seq in range(2, 13):
+            await scripted_node.send(delta_frame(raws[seq - 2], raws[seq - 1], seq))
+        await async_wait_until(lambda: len(received) == 12)
+        assert received == [as_full_subscriber_sees_it(raw, seq) for seq, raw in enumerate(raws, 1)]
+        assert [orjson.dumps(event["data"]) for event in received] == raws  # the very bytes published
+        assert client._bases[BOOK] == (12, raws[-1])  # the next delta's base: the exact envelope bytes
+        assert gaps == []
+        # a full event in the middle of the chain (the node's choice after a drop) replaces the base
+        other = books(2, seed=99)
+        await scripted_node.send(full_frame(other[0], 13))
+        await scripted_node.send(delta_frame(other[0], other[1], 14))
+        await async_wait_until(lambda: len(received) == 14)
+        assert received[12:] == [as_full_subscriber_sees_it(other[0], 13), as_full_subscriber_sees_it(other[1], 14)]
+    finally:
+        await client.close()
+
+
+async def test_a_corrupt_delta_is_not_delivered_and_the_channel_is_resubscribed_for_a_snapshot(scripted_node):
+    raws = books(6, seed=3)
+    client, received, gaps, _ = await delta_client(scripted_node)
+    try:
+        await scripted_node.send(full_frame(raws[0], 1))
+        await scripted_node.send(delta_frame(raws[0], raws[1], 2))
+        good = fossil.encode(raws[1], raws[2])
+        at = good.index(b":") + 5  # a byte inside the first literal: same length, wrong checksum
+        corrupt = good[:at] + (b"0" if good[at : at + 1] != b"0" else b"1") + good[at + 1 :]
+        await scripted_node.send(delta_frame(raws[1], raws[2], 3, corrupt))
+        unsubscribe = await scripted_node.expect("unsubscribe")
+        resubscribe = await scripted_node.expect("subscribe")
+        assert unsubscribe["channels"] == [BOOK]
+        assert resubscribe["channels"] == [BOOK] and resubscribe["options"] == {"delta": "fossil"}  # no since
+        await async_wait_until(lambda: gaps)
+        assert gaps == [(BOOK, 3, 3)]  # the event expected arrived, but could not be used
+        # the node had sent the next delta before it read the resubscribe: no base, dropped quietly
+        await scripted_node.send(delta_frame(raws[2], raws[3], 4))
+        await scripted_node.ack(resubscribe)
+        await scripted_node.send(full_frame(raws[3], 4))  # the snapshot after the ack
+        await scripted_node.send(delta_frame(raws[3], raws[4], 5))
+        await async_wait_until(lambda: len(received) == 4)
+        assert [(e["seq"], e["data"]) for e in received] == [
+            (seq, orjson.loads(raws[i])) for seq, i in ((1, 0), (2, 1), (4, 3), (5, 4))
+        ]
+        assert gaps == [(BOOK, 3, 3)]
+    finally:
+        await client.close()
+
+
+async def test_a_delta_on_an_unknown_base_is_not_delivered(scripted_node):
+    raws = books(5, seed=4)
+    client, received, gaps, _ = await delta_client(scripted_node)
+
+    async def resubscribed() -> None:
+        assert (await scripted_node.expect("unsubscribe"))["channels"] == [BOOK]
+        await scripted_node.ack(await scripted_node.expect("subscribe"))
+
+    try:
+        await scripted_node.send(delta_frame(raws[0], raws[1], 2))  # no full event yet on this connection
+        await resubscribed()
+        assert gaps == [(BOOK, 2, 2)]
+        await scripted_node.send(full_frame(raws[1], 2))
+        # a delta made from seq 3 arriving as seq 4: the base it needs (3) is not the one held (2)
+        await scripted_node.send(delta_frame(raws[2], raws[3], 4))
+        await resubscribed()
+        assert gaps[1] == (BOOK, 3, 4)
+        # a delta of the right seq made from another book: Fossil's length and checksum checks refuse it
+        await scripted_node.send(full_frame(raws[3], 5))
+        await scripted_node.send(delta_frame(raws[0], raws[4], 6))
+        await resubscribed()
+        assert gaps[2] == (BOOK, 6, 6)
+        assert [e["data"] for e in received] == [orjson.loads(raws[1]), orjson.loads(raws[3])]  # never a wrong book
+        assert BOOK not in client._bases
+    finally:
+        await client.close()
+
+
+async def test_a_new_connection_starts_the_delta_chain_again(scripted_node):
+    raws = books(3, seed=5)
+    client, received, gaps, _ = await delta_client(scripted_node)
+    try:
+        await scripted_node.send(full_frame(raws[0], 1))
+        await async_wait_until(lambda: len(received) == 1)
+        old = scripted_node.ws
+        await old.close(code=1012)
+        await scripted_node.ack(await scripted_node.expect("subscribe"))  # the resubscribe after the welcome
+        await async_wait_until(lambda: scripted_node.ws is not old and client.connects == 2)
+        await scripted_node.send(delta_frame(raws[0], raws[1], 2))  # the old connection's base is gone
+        await async_wait_until(lambda: gaps)
+        assert gaps == [(BOOK, 2, 2)] and len(received) == 1
+    finally:
+        await client.close()
