@@ -35,7 +35,7 @@ from typing import Any, Callable, Protocol
 import hiredis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
-from cluster.bus_routing import EVENTS_PREFIX, covering_names, is_glob
+from cluster.bus_routing import EVENTS_PREFIX_BYTES, covering_names, is_glob
 from cluster.channels import ChannelError, parse_channel
 
 MessageHandler = Callable[[bytes, bytes], None]
@@ -46,7 +46,6 @@ MAX_ARGS_PER_COMMAND = 1_000
 COVER_CACHE_SIZE = 10_000
 FEED_CHUNK = 16 * 1024
 READ_BUDGET = 256 * 1024  # bytes handled per connection per loop iteration before it yields the loop
-EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 
 _MESSAGE = b"message"
 _PMESSAGE = b"pmessage"

@@ -28,6 +28,7 @@ from typing import Iterable
 from cluster.channels import ANY, NO_KEY, Channel, Pattern
 
 EVENTS_PREFIX = "events:"
+EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 LEGACY_CHANNEL = "spirit:events"
 USER_PREFIX = "push:user:{"
 USER_SUFFIX = "}"

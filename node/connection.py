@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cluster import protocol
 from cluster.auth import Identity
 from cluster.channels import Pattern
+from cluster.clock import now_ms
 from cluster.limits import TokenBucket
 from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
+from cluster.settings import Settings
 from cluster.wsframes import PING_FRAME, control_frame, text_frame
 from node.queue import EventQueue, QueuedEvent, SlowConsumer
-
-if TYPE_CHECKING:
-    from cluster.settings import Settings
 
 WRITE_HIGH_WATER = 64 * 1024  # bytes in the transport before events wait in the queue
 STALL_POLL_SECONDS = 0.02
@@ -165,7 +163,7 @@ class ClientConnection:
         try:
             if self.queue is None:
                 self.queue = EventQueue(self._settings.queue_size, self._settings.write_buffer_bytes, self._report_drop)
-            self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp), _now_ms())
+            self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp), now_ms())
         except SlowConsumer:
             self.close_slow_consumer("p0 events do not fit in the queue")
             return False
@@ -209,7 +207,7 @@ class ClientConnection:
 
     def _write_batch(self, queue: EventQueue, now: float) -> None:
         """Write every queued frame the limits allow now, in one call."""
-        expired = queue.pop_expired(_now_ms())
+        expired = queue.pop_expired(now_ms())
         if expired:
             self._report_drop("expired", expired)
         frames: list[bytes] = []
@@ -217,7 +215,7 @@ class ClientConnection:
         while queue.count:
             head = queue.peek()
             assert head is not None
-            if head.expires_at is not None and head.expires_at < _now_ms():
+            if head.expires_at is not None and head.expires_at < now_ms():
                 queue.pop()
                 self._report_drop("expired", 1)
                 continue
@@ -358,6 +356,11 @@ class ClientConnection:
         self.queue = None
         self._loop.create_task(self.close(code, reason))
 
+    async def send_elsewhere(self, reason: str) -> None:
+        """Send this client back through the router (drain, rebalance): ``reconnect``, then close 1012."""
+        self.send_control(protocol.reconnect(reason))
+        await self.close(protocol.CloseCode.RECONNECT, reason)
+
     async def close(self, code: int, reason: str) -> None:
         self.closing = True
         self.direct = False
@@ -384,9 +387,5 @@ class ClientConnection:
             self._drainer.cancel()
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def observe_latency(timestamp_ms: int) -> None:
-    EVENT_CONSUME_LATENCY.observe(max(0.0, (_now_ms() - timestamp_ms) / 1000.0))
+    EVENT_CONSUME_LATENCY.observe(max(0.0, (now_ms() - timestamp_ms) / 1000.0))

@@ -14,39 +14,32 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from cluster import protocol
 from cluster.auth import AuthError
 from cluster.channels import ChannelError, parse_pattern
-from cluster.handshake import UpgradeRequest, authenticate, origin_allowed, reject, token_from_request
+from cluster.handshake import UpgradeRequest, authenticate, origin_allowed, reject, send_elsewhere, token_from_request
 from cluster.limits import TokenBucket
 from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
 from cluster.protocol import CloseCode, ErrorCode, ProtocolError
 from node.connection import WRITE_HIGH_WATER, ClientConnection, Subscription, push_bucket
+from node.state import NODE_STATE, NodeState
 from node.websocket import WebSocket
 from node.wshandshake import RequestHead
 
-if TYPE_CHECKING:
-    from node.app import NodeState
-
 LOWEST_RANK = 3
 BUS_SETTLE_SECONDS = 2.0  # longest a subscribe waits for Redis to confirm its bus subscriptions
-NODE_STATE: web.AppKey[NodeState] = web.AppKey("node_state")
 _CLIENT_TASKS: set[asyncio.Task[None]] = set()  # the serving task of each upgraded client, kept referenced
 
 
-async def send_elsewhere(ws: Any) -> None:
+async def turn_away(ws: Any) -> None:
     """A draining node turns new clients away: ``reconnect``, then close 1012."""
     CONNECTIONS_REJECTED.labels("draining").inc()
-    try:
-        await ws.send_str(protocol.reconnect("node is draining"))
-        await asyncio.wait_for(ws.close(code=CloseCode.RECONNECT, message=b"node is draining"), 2.0)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        pass  # the client left first
+    await send_elsewhere(ws, "node is draining")
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -100,7 +93,7 @@ async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, trans
         await reject(ws, ErrorCode.FORBIDDEN, "origin not allowed", CloseCode.FORBIDDEN, "origin")
         return
     if state.draining:
-        await send_elsewhere(ws)
+        await turn_away(ws)
         return
     token = token_from_request(request)
     del request
@@ -134,7 +127,7 @@ async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, trans
     if state.draining:  # the drain began while the slot was being taken: it did not see us
         if identity.user_id is not None:
             await state.slots.release(identity.user_id, connection_id)
-        await send_elsewhere(ws)
+        await turn_away(ws)
         return
     conn = ClientConnection(connection_id, identity, ws, transport, settings, remote)
     state.hub.add(conn)

@@ -27,7 +27,7 @@ from cluster import protocol
 from cluster.broker import Broker
 from cluster.bus_routing import (
     ADMIN_CHANNEL,
-    EVENTS_PREFIX,
+    EVENTS_PREFIX_BYTES,
     LEGACY_CHANNEL,
     USER_PREFIX,
     USER_SUFFIX,
@@ -36,6 +36,7 @@ from cluster.bus_routing import (
     split_routed,
 )
 from cluster.channels import Channel, ChannelError, Pattern, candidate_patterns, parse_channel
+from cluster.clock import now_ms
 from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legacy
 from cluster.history import make_cursor
 from cluster.logs import RateLimitedLog
@@ -52,7 +53,6 @@ from node.connection import (
 from node.queue import CONFLATED_TYPES
 
 LEGACY_CHANNEL_BYTES = LEGACY_CHANNEL.encode()
-EVENTS_PREFIX_BYTES = EVENTS_PREFIX.encode()
 USER_PREFIX_BYTES = USER_PREFIX.encode()
 ADMIN_CHANNEL_BYTES = ADMIN_CHANNEL.encode()
 USER_ID_SLICE = slice(len(USER_PREFIX), -len(USER_SUFFIX))
@@ -316,7 +316,7 @@ class Hub:
         self, name: str, channel: Channel, candidates: tuple[Pattern, ...], envelope: Envelope, route: int = TO_ALL
     ) -> int:
         """Deliver one parsed event; returns how many connections it was written to now."""
-        if envelope.expires_at is not None and envelope.expires_at < time.time_ns() // 1_000_000:
+        if envelope.expires_at is not None and envelope.expires_at < now_ms():
             count_drop("expired")
             return 0
         recipients = self._recipients(channel, candidates, envelope, route)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import Any, Coroutine, Protocol
 
 from redis.exceptions import RedisError
 
-from cluster.auth import NO_KEYS
+from cluster.auth import NO_KEYS, TokenVerifier
 from cluster.broker import BUS_ERRORS, Broker, RedisBroker
+from cluster.clock import now_ms
 from cluster.logs import RateLimitedLog, log
 from cluster.membership import (
     MEMBERSHIP_ERRORS,
@@ -36,10 +36,8 @@ from cluster.membership import (
     checkpoint,
 )
 from cluster.settings import Settings
+from node.hub import Hub
 from node.rebalance import Rebalancer
-
-if TYPE_CHECKING:
-    from node.app import NodeState
 
 WITHDRAW_TIMEOUT_SECONDS = 2.0
 HELD_ID_HEARTBEATS = 3
@@ -53,14 +51,26 @@ def membership_for(broker: Broker, settings: Settings) -> Membership:
     return MemoryMembership(settings.heartbeat_seconds, settings.node_ttl_seconds)
 
 
+class PresenceHost(Protocol):
+    """What presence needs of the node (node.state.NodeState): named here, so neither imports the other."""
+
+    settings: Settings
+    node_id: str
+    broker: Broker
+    hub: Hub
+    verifier: TokenVerifier
+
+    def fail(self, reason: str) -> None: ...
+
+
 class NodePresence:
     """Registers this node, keeps its lease alive, and takes it out of the ring on drain."""
 
-    def __init__(self, state: NodeState, membership: Membership | None = None) -> None:
+    def __init__(self, state: PresenceHost, membership: Membership | None = None) -> None:
         settings = state.settings
         self.state = state
         self.membership = membership or membership_for(state.broker, settings)
-        self.started_at = time.time_ns() // 1_000_000
+        self.started_at = now_ms()
         self.registered = False
         self.admitted = False
         self.leaving = False

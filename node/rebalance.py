@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING
 
-from cluster import protocol
 from cluster.logs import log
 from cluster.membership import Membership
 from cluster.ring import Ring
-
-if TYPE_CHECKING:
-    from node.connection import ClientConnection
-    from node.hub import Hub
+from node.connection import ClientConnection
+from node.hub import Hub
 
 MOVE_CONCURRENCY = 50
 REASON = "rebalance: your user now belongs to another node"
@@ -96,8 +92,7 @@ class Rebalancer:
 
     async def _move(self, conn: ClientConnection) -> None:
         async with self._gate:
-            conn.send_control(protocol.reconnect(REASON))
-            await conn.close(protocol.CloseCode.RECONNECT, "rebalance")
+            await conn.send_elsewhere(REASON)
 
     def stop(self) -> None:
         """Stop planning (the node is draining: every connection moves anyway)."""

@@ -12,12 +12,11 @@ from cluster.auth import TokenVerifier
 from cluster.logs import log
 from cluster.membership import Membership, NodeInfo, RedisMembership
 from cluster.metrics import ROUTER_NODES, ROUTER_PROXIED_CONNECTIONS, ROUTER_REDIS_CONNECTED, ROUTER_ROUTES
+from cluster.pacing import paced
 from cluster.ring import Ring
 from cluster.settings import Settings
 from router.admission import ConnectionRateLimiter
 from router.relay import Relay
-
-DRAIN_CONCURRENCY = 100
 
 
 class RouterState:
@@ -87,21 +86,7 @@ class RouterState:
         self.draining = True
         relays = list(self.relays)
         log("router_drain", connections=len(relays), seconds=self.settings.drain_seconds)
-        if not relays:
-            return
-        pause = self.settings.drain_seconds / len(relays)
-        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
-
-        async def move(relay: Relay) -> None:
-            async with gate:
-                await relay.reconnect("router is shutting down")
-
-        moving = []
-        for i, relay in enumerate(relays):
-            if i:
-                await asyncio.sleep(pause)
-            moving.append(asyncio.create_task(move(relay)))
-        await asyncio.gather(*moving, return_exceptions=True)
+        await paced(relays, self.settings.drain_seconds, lambda relay: relay.reconnect("router is shutting down"))
 
     async def stop(self) -> None:
         for task in self._tasks:
