@@ -54,7 +54,29 @@ export interface ClientLaggedMessage extends LaggedMessage {
 /** An error from the server, or (`local: true`) from the client (code TOKEN_SOURCE: getToken failed). */
 export type ClientErrorMessage = ErrorMessage | { action: "error"; code: "TOKEN_SOURCE"; message: string; local: true };
 
-export type EventHandler<T extends string = EventType> = (event: EventMessage<T>) => void | Promise<void>;
+/**
+ * What a handler receives: the `event` message with `data` the envelope object. Events of state
+ * channels (market.ticker, market.orderbook) also carry `seq`, one more than the channel's previous
+ * event. On a `delta: "fossil"` subscription the client rebuilds the envelope first: handlers get
+ * exactly this shape (no `delta` key, `data` an object), as on a full subscription.
+ */
+export type ClientEventMessage<T extends string = EventType> = EventMessage<T> & { seq?: number };
+
+export type EventHandler<T extends string = EventType> = (event: ClientEventMessage<T>) => void | Promise<void>;
+
+/**
+ * A state channel missed updates (a `seq` jump: conflated, dropped, lost on the bus), or a delta
+ * could not be applied (no base, another base, corrupt: then `expected === got`). The event was
+ * not delivered if it was a delta; the client has already resubscribed the matching subscriptions
+ * without `since`, so the node sends the channel's latest value next.
+ */
+export interface GapNotice {
+  channel: string;
+  /** The seq the client could have used next. */
+  expected: number;
+  /** The seq that arrived. */
+  got: number;
+}
 
 export interface DeltaPushOptions {
   /** WebSocket URL; default: the page's origin + /ws (through the router). */
@@ -89,6 +111,8 @@ export interface DeltaPushOptions {
   onError?: (error: ClientErrorMessage, patterns: string[] | null) => void;
   onWelcome?: (welcome: WelcomeMessage) => void;
   onHandlerError?: (error: unknown, event: EventMessage) => void;
+  /** A state channel's gap (see GapNotice); the client resubscribes by itself. */
+  onGap?: (gap: GapNotice) => void;
 }
 
 export interface SubscribeOptions {
@@ -100,12 +124,18 @@ export interface SubscribeOptions {
   since?: Cursor;
   /** This subscription's `recovered: false` channels. */
   onUnrecovered?: (channels: string[]) => void;
+  /** State channels: the latest value of each matching channel right after the ack (node default: true). */
+  snapshot?: boolean;
+  /** State channels' events as Fossil deltas of the previous one (docs/DELTA.md); handlers still get whole envelopes. */
+  delta?: "fossil";
 }
 
 export interface SubscriptionInfo {
   patterns: string[];
   priority: Priority | null;
   limit: number | null;
+  snapshot: boolean | null;
+  delta: "fossil" | null;
   cursor: Cursor | null;
   acked: boolean;
 }
@@ -114,6 +144,7 @@ export interface ClientEvents {
   state: (state: ConnectionState, detail: StateDetail) => void;
   lagged: (notice: ClientLaggedMessage) => void;
   unrecovered: (channels: string[], patterns: string[]) => void;
+  gap: (gap: GapNotice) => void;
   error: (error: ClientErrorMessage, patterns: string[] | null) => void;
   welcome: (welcome: WelcomeMessage) => void;
   ack: (ack: AckMessage, patterns: string[] | null) => void;

@@ -15,6 +15,15 @@
  * before expiry through the async `getToken` callback; `lagged` notices and
  * `recovered: false` acks are surfaced through callbacks.
  *
+ * State channels (`market.ticker`, `market.orderbook`) carry a per-channel `seq`; a jump
+ * (updates conflated or lost) is reported through `onGap({channel, expected, got})` and
+ * the channel's subscriptions are renewed without `since`, so the node sends the latest
+ * value again. A subscription may ask for Fossil deltas (`delta: "fossil"`,
+ * docs/DELTA.md): the client keeps the last envelope bytes per channel and rebuilds each
+ * envelope with `./fossil.js`, so handlers get the same events as on a full
+ * subscription; a delta it cannot apply (unknown base, corrupt) is not delivered and is
+ * handled like a gap — never a wrong book.
+ *
  * Handlers run one at a time, in arrival order; a handler that returns a promise is
  * awaited before the next event is handed out. A browser WebSocket cannot stop
  * reading, so events that arrive while a handler is busy wait in a bounded buffer
@@ -32,10 +41,16 @@
  * query parameter (browsers cannot set headers on a WebSocket) and nowhere else.
  */
 
+import { applyDelta } from "./fossil.js";
+
 export const PRIORITIES = Object.freeze(["p0", "p1", "p2", "p3"]);
 const PRIORITY_RANK = { p0: 0, p1: 1, p2: 2, p3: 3 };
 const DEFAULT_RANK = 2; // an envelope without priority is p2 (SPEC §2)
 const CONFLATED_TYPES = new Set(["market.ticker", "market.orderbook"]);
+const DELTA_FORMATS = ["fossil"]; // subscribe options.delta (docs/DELTA.md)
+const MAX_ENVELOPE_BYTES = 64 * 1024; // SPEC §2: a rebuilt envelope is never larger
+const utf8 = new TextEncoder();
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 
 /** Close codes after which retrying cannot help (without a new token, for 4001). */
 export const FATAL_CLOSE_CODES = Object.freeze([4001, 4003, 4029]);
@@ -220,6 +235,7 @@ export class DeltaPush {
       ["error", "onError"],
       ["welcome", "onWelcome"],
       ["handlerError", "onHandlerError"],
+      ["gap", "onGap"],
     ]) {
       if (typeof options[option] === "function") this.on(name, options[option]);
     }
@@ -230,6 +246,9 @@ export class DeltaPush {
     this.fatal = null; // closeInfo when the client gave up (4001 without getToken, 4003, 4029)
     this.stats = { events: 0, duplicates: 0, dropped: 0, serverDropped: 0 };
     this._subscriptions = [];
+    this._lastSeq = new Map(); // state channel -> seq of the last event seen on this connection
+    this._bases = new Map(); // delta channel -> {seq, bytes} of its last event: the next delta's base
+    this._resyncing = new Map(); // channel -> id of the resubscribe it waits for after an unusable delta
     this._seen = new DedupWindow(this.options.dedupWindow);
     this._buffer = new EventBuffer(this.options.bufferSize);
     this._delivering = false;
@@ -286,15 +305,19 @@ export class DeltaPush {
    * Receive events on `patterns` until the returned function is called.
    * `options.priority`: only events of that priority or higher; `options.limit`: events per
    * second for these patterns (both enforced by the node); `options.since`: a cursor to resume from;
-   * `options.onUnrecovered(channels)`: this subscription's `recovered: false`.
+   * `options.onUnrecovered(channels)`: this subscription's `recovered: false`;
+   * `options.snapshot: false`: no latest value of state channels right after the ack;
+   * `options.delta: "fossil"`: state channels' events may come as deltas (handlers still get whole envelopes).
    */
   subscribe(patterns, handler, options = {}) {
     const list = typeof patterns === "string" ? [patterns] : [...patterns];
     if (!list.length) throw new TypeError("subscribe needs at least one pattern");
     if (typeof handler !== "function") throw new TypeError("subscribe needs a handler function");
-    const { priority = null, limit = null, since = null, onUnrecovered = null } = options;
+    const { priority = null, limit = null, since = null, onUnrecovered = null, snapshot = null, delta = null } = options;
     if (priority !== null && !(priority in PRIORITY_RANK)) throw new TypeError("priority must be one of p0..p3");
     if (limit !== null && !(typeof limit === "number" && limit > 0)) throw new TypeError("limit must be a positive number");
+    if (snapshot !== null && typeof snapshot !== "boolean") throw new TypeError("snapshot must be true or false");
+    if (delta !== null && !DELTA_FORMATS.includes(delta)) throw new TypeError('delta must be "fossil"');
     const subscription = {
       patterns: list,
       parsed: list.map(parsePattern),
@@ -302,6 +325,8 @@ export class DeltaPush {
       priority,
       rank: priority === null ? 3 : PRIORITY_RANK[priority],
       limit,
+      snapshot,
+      delta,
       cursor: since,
       onUnrecovered,
       requestId: null,
@@ -313,7 +338,7 @@ export class DeltaPush {
     return () => this._unsubscribe(subscription);
   }
 
-  /** Listen to "state", "lagged", "unrecovered", "error", "welcome", "ack", "handlerError"; returns an off function. */
+  /** Listen to "state", "lagged", "unrecovered", "gap", "error", "welcome", "ack", "handlerError"; returns an off function. */
   on(name, listener) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
     this._listeners.get(name).add(listener);
@@ -322,7 +347,15 @@ export class DeltaPush {
 
   /** The subscriptions as the app made them (patterns, options and last cursor), for display. */
   get subscriptions() {
-    return this._subscriptions.map(({ patterns, priority, limit, cursor, acked }) => ({ patterns, priority, limit, cursor, acked }));
+    return this._subscriptions.map(({ patterns, priority, limit, snapshot, delta, cursor, acked }) => ({
+      patterns,
+      priority,
+      limit,
+      snapshot,
+      delta,
+      cursor,
+      acked,
+    }));
   }
 
   /** Events waiting for a handler. */
@@ -455,6 +488,10 @@ export class DeltaPush {
     this._welcomed = true;
     this._failures = 0;
     this.connects += 1;
+    // a new connection: the replays and snapshots of the resubscribe set new baselines, and every delta chain starts full
+    this._lastSeq.clear();
+    this._bases.clear();
+    this._resyncing.clear();
     this._setState("connected", { node: doc.node, userId: doc.userId ?? null, expiresAt: doc.expiresAt ?? null });
     this._emit("welcome", doc);
     for (const subscription of this._subscriptions) this._sendSubscribe(subscription);
@@ -463,6 +500,9 @@ export class DeltaPush {
   }
 
   _onAck(doc) {
+    for (const [channel, requestId] of this._resyncing) {
+      if (requestId === doc.id) this._resyncing.delete(channel); // what follows is the fresh snapshot
+    }
     const subscription = this._subscriptions.find((s) => s.requestId === doc.id && doc.id != null);
     this._emit("ack", doc, subscription?.patterns ?? null);
     if (!subscription) return;
@@ -479,20 +519,90 @@ export class DeltaPush {
 
   _onEvent(doc) {
     const channel = parseChannel(doc.channel);
-    const data = doc.data;
-    if (!channel || !data || typeof data !== "object") return;
-    for (const subscription of this._subscriptions) {
-      if (doc.cursor && subscription.parsed.some((p) => patternMatches(p, channel))) subscription.cursor = doc.cursor;
+    if (!channel) return;
+    const targets = this._subscriptions.filter((s) => s.parsed.some((p) => patternMatches(p, channel)));
+    let event = doc;
+    if (typeof doc.data === "string") {
+      // a delta channel: data is the envelope's exact text, or a Fossil delta from the previous one
+      const envelope = this._rebuild(doc, targets);
+      if (!envelope) return;
+      const { delta: _delta, ...rest } = doc;
+      event = { ...rest, data: envelope }; // what a full subscriber gets: no `delta`, data an object
     }
+    const data = event.data;
+    if (!data || typeof data !== "object") return;
+    if (doc.cursor) for (const subscription of targets) subscription.cursor = doc.cursor;
+    if (Number.isInteger(doc.seq)) this._checkSequence(doc.channel, doc.seq, targets);
     if (typeof data.id === "string" && !this._seen.add(data.id)) {
       this.stats.duplicates += 1;
       return;
     }
     this.stats.events += 1;
     const rank = data.priority in PRIORITY_RANK ? PRIORITY_RANK[data.priority] : DEFAULT_RANK;
-    const dropped = this._buffer.push({ event: doc, channel: doc.channel, parsed: channel, rank, conflate: CONFLATED_TYPES.has(channel.type) });
+    const dropped = this._buffer.push({ event, channel: doc.channel, parsed: channel, rank, conflate: CONFLATED_TYPES.has(channel.type) });
     if (dropped) this._dropped(dropped.reason);
     this._deliver();
+  }
+
+  /**
+   * The envelope of a delta channel's event, or null when it cannot be trusted. A full event
+   * replaces the channel's base; a delta is applied only to the base of `seq - 1`, and Fossil's
+   * length and checksum checks refuse a corrupt one. Anything else — no base, another seq, a
+   * corrupt delta — is not delivered: the base is forgotten and the channel resubscribed
+   * (reported as a gap), so the application never sees a book built on the wrong bytes.
+   */
+  _rebuild(doc, targets) {
+    const { channel, seq } = doc;
+    const base = this._bases.get(channel);
+    this._bases.delete(channel);
+    let bytes;
+    let envelope;
+    try {
+      if (doc.delta !== true) bytes = utf8.encode(doc.data);
+      else if (!base || !Number.isInteger(seq) || base.seq !== seq - 1) throw new Error("the delta's base is not the last event received");
+      else bytes = applyDelta(base.bytes, utf8.encode(doc.data), { maxSize: MAX_ENVELOPE_BYTES });
+      envelope = JSON.parse(strictUtf8.decode(bytes));
+      if (!envelope || typeof envelope !== "object" || Array.isArray(envelope)) throw new Error("the envelope is not a JSON object");
+    } catch {
+      if (!this._resyncing.has(channel)) {
+        // else: sent before the node read our resubscribe; the fresh snapshot follows its ack
+        const last = this._lastSeq.get(channel);
+        const got = Number.isInteger(seq) ? seq : 0;
+        this._gap(channel, last === undefined ? got : last + 1, got, targets);
+      }
+      return null;
+    }
+    this._bases.set(channel, { seq: Number.isInteger(seq) ? seq : null, bytes });
+    if (doc.delta !== true) this._resyncing.delete(channel); // a full event: the chain starts again here
+    return envelope;
+  }
+
+  /**
+   * A state channel's seq grows by one; a jump means missed updates (conflated, dropped, lost
+   * on the bus): the state is stale. A seq at or below the last one is a replay: ignored.
+   */
+  _checkSequence(channel, seq, targets) {
+    const last = this._lastSeq.get(channel);
+    if (last === undefined || seq === last + 1) {
+      this._lastSeq.set(channel, seq);
+      return;
+    }
+    if (seq <= last) return;
+    this._gap(channel, last + 1, seq, targets);
+  }
+
+  /** Tell the app, and renew the channel's subscriptions without `since`: the node sends the latest value after the ack. */
+  _gap(channel, expected, got, targets) {
+    this._lastSeq.delete(channel); // the snapshot after the resubscribe sets the next baseline
+    this._emit("gap", { channel, expected, got });
+    if (!targets.length || !this._welcomed) return;
+    const channels = [...new Set(targets.flatMap((s) => s.patterns))];
+    this._send({ action: "unsubscribe", channels, id: this._nextId() });
+    for (const subscription of targets) {
+      subscription.cursor = null; // a fresh snapshot, not a replay of what was skipped
+      this._sendSubscribe(subscription);
+    }
+    this._resyncing.set(channel, targets[targets.length - 1].requestId);
   }
 
   /** Hand buffered events to handlers, one at a time; async handlers are awaited. */
@@ -555,6 +665,8 @@ export class DeltaPush {
     if (subscription.priority) options.priority = subscription.priority;
     if (subscription.limit) options.limit = subscription.limit;
     if (subscription.cursor) options.since = subscription.cursor;
+    if (subscription.snapshot !== null) options.snapshot = subscription.snapshot;
+    if (subscription.delta) options.delta = subscription.delta;
     const message = { action: "subscribe", channels: subscription.patterns, id: subscription.requestId };
     if (Object.keys(options).length) message.options = options;
     this._send(message);
