@@ -591,7 +591,7 @@ export class DeltaPush {
     this._gap(channel, last + 1, seq, targets);
   }
 
-  /** Tell the app, and renew the channel's subscriptions without `since`: the node sends the latest value after the ack. */
+  /** Tell the app, and renew the channel's subscriptions without `since`, with `snapshot`: the latest value follows the ack. */
   _gap(channel, expected, got, targets) {
     this._lastSeq.delete(channel); // the snapshot after the resubscribe sets the next baseline
     this._emit("gap", { channel, expected, got });
@@ -600,7 +600,7 @@ export class DeltaPush {
     this._send({ action: "unsubscribe", channels, id: this._nextId() });
     for (const subscription of targets) {
       subscription.cursor = null; // a fresh snapshot, not a replay of what was skipped
-      this._sendSubscribe(subscription);
+      this._sendSubscribe(subscription, true);
     }
     this._resyncing.set(channel, targets[targets.length - 1].requestId);
   }
@@ -658,7 +658,8 @@ export class DeltaPush {
     return `${this._prefix}${this._ids}`;
   }
 
-  _sendSubscribe(subscription) {
+  /** `resync`: after a gap, ask for the latest values explicitly (unless the subscription turned snapshots off). */
+  _sendSubscribe(subscription, resync = false) {
     subscription.requestId = this._nextId();
     subscription.acked = false;
     const options = {};
@@ -666,6 +667,7 @@ export class DeltaPush {
     if (subscription.limit) options.limit = subscription.limit;
     if (subscription.cursor) options.since = subscription.cursor;
     if (subscription.snapshot !== null) options.snapshot = subscription.snapshot;
+    else if (resync) options.snapshot = true; // the node's default may be no snapshot (PUSH_SNAPSHOT_BY_DEFAULT)
     if (subscription.delta) options.delta = subscription.delta;
     const message = { action: "subscribe", channels: subscription.patterns, id: subscription.requestId };
     if (Object.keys(options).length) message.options = options;

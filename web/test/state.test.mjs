@@ -76,7 +76,7 @@ test("a seq jump calls onGap and resubscribes the matching subscriptions without
   const again = resubscribeAfter(socket, before);
   assert.deepEqual(socket.sent[before].channels, ["market.ticker:*"]);
   assert.deepEqual(again.channels, ["market.ticker:*"]);
-  assert.deepEqual(again.options, { limit: 5 }, "no since: the node sends the latest value, not a replay");
+  assert.deepEqual(again.options, { limit: 5, snapshot: true }, "no since: the latest value, not a replay");
   assert.deepEqual(seen, [1, 2, 3, 6], "a full event is delivered even after a gap");
   push.close();
 });
@@ -102,6 +102,15 @@ test("after a gap the next event sets the baseline: one onGap per gap", () => {
       [8, 9],
     ],
   );
+  push.close();
+});
+
+test("a subscription that turned snapshots off keeps them off when a gap renews it", () => {
+  const { push, socket } = connected();
+  push.subscribe(["market.ticker:A/B"], () => {}, { snapshot: false });
+  for (const seq of [1, 3]) socket.receive(stateFrame("market.ticker:A/B", seq));
+  const [first, again] = socket.sentActions("subscribe");
+  assert.deepEqual([first.options, again.options], [{ snapshot: false }, { snapshot: false }]);
   push.close();
 });
 
@@ -235,7 +244,7 @@ test("a corrupt delta is not delivered: onGap, the base forgotten, one resubscri
   assert.deepEqual(gaps, [{ channel: BOOK, expected: 2, got: 2 }], "the event expected came but could not be used");
   assert.equal(push._bases.has(BOOK), false);
   const again = resubscribeAfter(socket, before);
-  assert.deepEqual(again.options, { delta: "fossil" });
+  assert.deepEqual(again.options, { snapshot: true, delta: "fossil" });
   // sent by the node before it read the resubscribe: no base, dropped without another gap
   socket.receive(delta(text(a.delta), 3));
   assert.equal(gaps.length, 1);
