@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 from conftest import ROOT, async_wait_until, node_env, publish, token
 from fossil_fixtures import next_book, order_book
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster import fossil, protocol
 from cluster.client import PushClient
@@ -338,6 +340,44 @@ async def test_a_new_connection_starts_the_delta_chain_again(scripted_node):
         await scripted_node.ack(await scripted_node.expect("subscribe"))  # the resubscribe after the welcome
         await async_wait_until(lambda: scripted_node.ws is not old and client.connects == 2)
         await scripted_node.send(delta_frame(raws[0], raws[1], 2))  # the old connection's base is gone
+        await async_wait_until(lambda: gaps)
+        assert gaps == [(BOOK, 2, 2)] and len(received) == 1
+    finally:
+        await client.close()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=30,
+)
+envelopes = st.dictionaries(st.text(max_size=12), json_values, max_size=8).map(
+    lambda fields: {"id": "e", "type": "market.orderbook", **fields}
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(envelopes, envelopes)
+def test_any_envelope_pair_travels_as_a_delta_frame_and_comes_back_byte_for_byte(first, second):
+    """Through the wire format itself: the delta of two UTF-8 envelopes rides in a JSON string,
+    is parsed by the client's parser and applied by its rebuild step to the exact bytes."""
+    source, target = orjson.dumps(first), orjson.dumps({**second, "id": "f"})
+    client = PushClient("ws://unused.invalid/ws")  # no socket: the frame handling alone
+    for frame in (full_frame(source, 1), delta_frame(source, target, 2)):
+        event = protocol.parse_server_message(frame)
+        assert isinstance(event, protocol.Event)
+        envelope = client._rebuild(event, [])
+        assert envelope == orjson.loads(source if event.seq == 1 else target)
+    assert client._bases[BOOK] == (2, target)
+
+
+async def test_a_delta_announcing_more_than_64_kib_is_refused(scripted_node):
+    small = orjson.dumps({"id": "a", "type": "market.orderbook", "payload": "x"})
+    big = orjson.dumps({"id": "b", "type": "market.orderbook", "payload": "x" * 70_000})
+    client, received, gaps, _ = await delta_client(scripted_node)
+    try:
+        await scripted_node.send(full_frame(small, 1))
+        await scripted_node.send(delta_frame(small, big, 2))  # a valid delta, but past MAX_ENVELOPE_BYTES
         await async_wait_until(lambda: gaps)
         assert gaps == [(BOOK, 2, 2)] and len(received) == 1
     finally:

@@ -189,15 +189,18 @@ function naiveDelta(sourceText, targetText) {
     return out;
   };
   const [source, target] = [sourceText, targetText].map((t) => new TextEncoder().encode(t));
+  const continuation = (byte) => (byte & 0xc0) === 0x80; // never split a UTF-8 character: the literal must be text
   let prefix = 0;
   while (prefix < source.length && prefix < target.length && source[prefix] === target[prefix]) prefix++;
+  while (prefix > 0 && prefix < target.length && continuation(target[prefix])) prefix--;
   let suffix = 0;
   const room = Math.min(source.length, target.length) - prefix;
   while (suffix < room && source[source.length - 1 - suffix] === target[target.length - 1 - suffix]) suffix++;
-  const middle = new TextDecoder().decode(target.subarray(prefix, target.length - suffix));
+  while (suffix > 0 && continuation(target[target.length - suffix])) suffix--;
+  const middle = target.subarray(prefix, target.length - suffix);
   let out = `${n(target.length)}\n`;
   if (prefix) out += `${n(prefix)}@0,`;
-  if (middle.length) out += `${n(middle.length)}:${middle}`;
+  if (middle.length) out += `${n(middle.length)}:${new TextDecoder().decode(middle)}`; // a count of bytes
   if (suffix) out += `${n(suffix)}@${n(source.length - suffix)},`;
   return `${out}${n(checksum(target))};`;
 }
@@ -224,6 +227,45 @@ test("a chain of deltas on one channel: each applies to the envelope the previou
     envelopes.map((e, i) => asFullSubscriberSeesIt(e, 41 + i)),
   );
   assert.deepEqual(gaps, []);
+  push.close();
+});
+
+test("random envelopes with any Unicode come back byte for byte through delta frames", () => {
+  let state = 15;
+  const random = () => ((state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const alphabet = ["a", "Z", "0", " ", '"', "\\", "\n", "é", "€", "ордер", "🚀", "\u0000", "\u2028", "𝄞"];
+  const word = () => Array.from({ length: Math.floor(random() * 12) }, () => alphabet[Math.floor(random() * alphabet.length)]).join("");
+  const { push, gaps, socket } = connected();
+  const seen = [];
+  push.subscribe([BOOK], (e) => seen.push(e), { delta: "fossil" });
+  let previous = JSON.stringify({ id: "r0", type: "market.orderbook", payload: { [word()]: word() } });
+  socket.receive(full(previous, 1));
+  for (let seq = 2; seq < 200; seq++) {
+    const book = JSON.parse(previous);
+    book.id = `r${seq}`;
+    book.payload[word()] = random() < 0.5 ? word() : [word(), Math.floor(random() * 1e6)];
+    if (random() < 0.3) delete book.payload[Object.keys(book.payload)[0]];
+    const next = JSON.stringify(book);
+    socket.receive(delta(naiveDelta(previous, next), seq));
+    assert.deepEqual(push._bases.get(BOOK).bytes, new TextEncoder().encode(next), `seq ${seq}`);
+    assert.deepEqual(seen.at(-1), asFullSubscriberSeesIt(next, seq));
+    previous = next;
+  }
+  assert.deepEqual(gaps, []);
+  assert.equal(seen.length, 199);
+  push.close();
+});
+
+test("a delta that would build more than 64 KiB is refused", () => {
+  const { push, gaps, socket } = connected();
+  const seen = [];
+  push.subscribe([BOOK], (e) => seen.push(e), { delta: "fossil" });
+  const small = JSON.stringify({ id: "s", type: "market.orderbook", payload: "x" });
+  const big = JSON.stringify({ id: "b", type: "market.orderbook", payload: "x".repeat(70_000) });
+  socket.receive(full(small, 1));
+  socket.receive(delta(naiveDelta(small, big), 2));
+  assert.equal(seen.length, 1);
+  assert.deepEqual(gaps, [{ channel: BOOK, expected: 2, got: 2 }]);
   push.close();
 });
 
