@@ -289,8 +289,11 @@ class PushClient:
     async def _send_subscribe(self, subscription: ClientSubscription) -> None:
         await self._send(self._subscribe_frame(subscription))
 
-    def _subscribe_frame(self, subscription: ClientSubscription) -> str:
-        """The subscribe message for ``subscription``, under a new request id (set now, before it is sent)."""
+    def _subscribe_frame(self, subscription: ClientSubscription, resync: bool = False) -> str:
+        """The subscribe message for ``subscription``, under a new request id (set now, before it is sent).
+
+        ``resync``: after a gap, ask for the latest values unless the subscription refused them.
+        """
         subscription.request_id = self._next_id()
         subscription.acked.clear()
         return protocol.subscribe_request(
@@ -299,7 +302,7 @@ class PushClient:
             priority=subscription.priority,
             limit=subscription.limit or None,
             since=subscription.cursor,
-            snapshot=subscription.snapshot,
+            snapshot=True if resync and subscription.snapshot is not False else subscription.snapshot,
             delta=subscription.delta,
         )
 
@@ -397,7 +400,7 @@ class PushClient:
         frames = [protocol.unsubscribe_request(sorted({p for s in targets for p in s.patterns}), self._next_id())]
         for subscription in targets:
             subscription.cursor = None  # a fresh snapshot, not a replay of what was skipped
-            frames.append(self._subscribe_frame(subscription))
+            frames.append(self._subscribe_frame(subscription, resync=True))
         self._resyncing[channel] = targets[-1].request_id
         self._spawn(self._send_all(frames))
 

@@ -91,7 +91,7 @@ class Envelope:
     priority: int  # rank: 0 is p0 (highest)
     expires_at: int | None  # ms; timestamp + ttl
     raw: bytes
-    seq: int | None = None  # a state channel's sequence number, from the bus message (cluster/state.py)
+    seq: int | None = None  # a state channel's sequence number: the envelope's "seq" (cluster/state.py)
 
     @property
     def domain(self) -> str:
@@ -152,6 +152,7 @@ def validate(doc: Any, raw: bytes) -> Envelope:
         priority=rank,
         expires_at=None if ttl is None else timestamp + ttl,
         raw=raw,
+        seq=seq if type(seq := doc.get("seq")) is int and seq > 0 else None,
     )
 
 

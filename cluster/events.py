@@ -121,7 +121,7 @@ class _PublisherBase:
     async def _publish_sharded(self, event_type: str, payload: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         assert self._sharded is not None
         channel, envelope, data = self._envelope(event_type, payload, kwargs)
-        await self._sharded.publish(
+        seq = await self._sharded.publish(
             channel,
             data,
             envelope["id"],
@@ -130,6 +130,8 @@ class _PublisherBase:
             self.history_seconds,
             self._state_seconds(event_type),
         )
+        if seq:
+            envelope["seq"] = seq  # as every receiver gets it (cluster/state.py)
         EVENTS_PUBLISHED.inc()
         return envelope
 
@@ -163,7 +165,7 @@ class EventPublisher(_PublisherBase):
         if self._sharded is not None:
             return await self._publish_sharded(event_type, payload, kwargs)
         envelope, call = self._script_call(event_type, payload, kwargs)
-        await call
+        _add_seq(envelope, await call)
         EVENTS_PUBLISHED.inc()
         return envelope
 
@@ -186,7 +188,8 @@ class SyncEventPublisher(_PublisherBase):
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             return self._loop.run_until_complete(self._publish_sharded(event_type, payload, kwargs))
-        envelope, _ = self._script_call(event_type, payload, kwargs)  # the sync client has run it
+        envelope, result = self._script_call(event_type, payload, kwargs)  # the sync client has run it
+        _add_seq(envelope, result)
         EVENTS_PUBLISHED.inc()
         return envelope
 
@@ -198,3 +201,9 @@ class SyncEventPublisher(_PublisherBase):
         loop.run_until_complete(self._sharded.close())
         loop.close()
         self._loop = None
+
+
+def _add_seq(envelope: dict[str, Any], script_result: Any) -> None:
+    """A state channel's script returns {receivers, seq}: the envelope every receiver got has ``seq``."""
+    if isinstance(script_result, list) and len(script_result) == 2:
+        envelope["seq"] = int(script_result[1])

@@ -55,6 +55,8 @@ PUBLISH_SCRIPT = """
 --       8 push:admin for a private event ('' or absent otherwise): then ARGV[1] and ARGV[8] both
 --         get the routed message "<channel> <envelope>" instead of the bare envelope,
 --       9 (state channels) ms the latest value is kept
+-- A state channel's envelope gets its sequence number as a last field ("seq":N) everywhere it
+-- goes; the script then returns {receivers, seq}, else the receivers PUBLISH counted.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local last = tonumber(redis.call('GET', KEYS[4]) or '0')
@@ -64,27 +66,29 @@ redis.call('SET', KEYS[5], ARGV[7], 'NX')
 local seq = redis.call('INCR', KEYS[3])
 local retention = tonumber(ARGV[6])
 local message = ARGV[2]
-local fields = {'i', ARGV[3], 'e', ARGV[2]}
+local state_seq = 0
 if KEYS[6] then
-  local state_seq = redis.call('HINCRBY', KEYS[6], 's', 1)
-  redis.call('HSET', KEYS[6], 'e', ARGV[2])
+  state_seq = redis.call('HINCRBY', KEYS[6], 's', 1)
+  message = string.sub(ARGV[2], 1, -2) .. ',"seq":' .. state_seq .. '}'
+  redis.call('HSET', KEYS[6], 'e', message)
   redis.call('PEXPIRE', KEYS[6], ARGV[9])
   redis.call('SADD', KEYS[7], ARGV[4])
   redis.call('PEXPIRE', KEYS[7], ARGV[9])
-  message = '#' .. state_seq .. ' ' .. ARGV[2]
-  table.insert(fields, 's')
-  table.insert(fields, state_seq)
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], now .. '-' .. seq, unpack(fields))
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], now .. '-' .. seq, 'i', ARGV[3], 'e', message)
 redis.call('XTRIM', KEYS[1], 'MINID', now - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], retention)
+local receivers
 if ARGV[8] and ARGV[8] ~= '' then
   local routed = ARGV[4] .. ' ' .. message
-  return redis.call('PUBLISH', ARGV[1], routed) + redis.call('PUBLISH', ARGV[8], routed)
+  receivers = redis.call('PUBLISH', ARGV[1], routed) + redis.call('PUBLISH', ARGV[8], routed)
+else
+  receivers = redis.call('PUBLISH', ARGV[1], message)
 end
-return redis.call('PUBLISH', ARGV[1], message)
+if KEYS[6] then return {receivers, state_seq} end
+return receivers
 """
 
 
@@ -93,19 +97,19 @@ CLUSTER_PUBLISH_SCRIPT = """
 --                      2 (state channels only) its state hash (push:state:{<channel>})
 -- ARGV: 1 envelope JSON, 2 event id, 3 max events per channel, 4 retention ms,
 --       5 (state channels) ms the latest value is kept
--- Only stores, and returns the state sequence number (0 for other channels): the caller
--- publishes the live message afterwards (cluster/shard_publish.py).
+-- Only stores, and returns the state sequence number (0 for other channels; the stored
+-- envelope then ends with "seq":N); the caller publishes the live message afterwards
+-- (cluster/shard_publish.py), with the same "seq" (cluster.state.with_seq).
 local retention = tonumber(ARGV[4])
 local state_seq = 0
-local fields = {'i', ARGV[2], 'e', ARGV[1]}
+local envelope = ARGV[1]
 if KEYS[2] then
   state_seq = redis.call('HINCRBY', KEYS[2], 's', 1)
-  redis.call('HSET', KEYS[2], 'e', ARGV[1])
+  envelope = string.sub(ARGV[1], 1, -2) .. ',"seq":' .. state_seq .. '}'
+  redis.call('HSET', KEYS[2], 'e', envelope)
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  table.insert(fields, 's')
-  table.insert(fields, state_seq)
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', unpack(fields))
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'i', ARGV[2], 'e', envelope)
 local ms = tonumber(string.match(id, '^(%d+)'))
 redis.call('XTRIM', KEYS[1], 'MINID', ms - retention)
 redis.call('PEXPIRE', KEYS[1], retention)
@@ -196,7 +200,7 @@ class Replay:
     """What history holds after a cursor: ``recovered`` False means a gap."""
 
     recovered: bool
-    events: list[tuple[str, bytes, int | None]]  # (channel, envelope JSON, state seq), oldest first
+    events: list[tuple[str, bytes]]  # (channel, envelope JSON), oldest first
 
 
 LOST = Replay(False, [])
@@ -278,7 +282,7 @@ class History:
         return result
 
     async def _replay(self, pattern: Pattern, position: bytes, start: tuple[int, int], limit: int) -> Replay:
-        merged: list[tuple[tuple[int, int], str, bytes, int | None]] = []
+        merged: list[tuple[tuple[int, int], str, bytes]] = []
         for name in await self.channels(pattern):
             key = self.stream_key(name)
             pipe = self._client.pipeline(transaction=False)
@@ -293,14 +297,8 @@ class History:
                 return LOST  # entries newer than the cursor were trimmed away
             if len(entries) > limit:
                 return LOST
-            merged.extend((_position(entry_id), name, fields[b"e"], _seq(fields)) for entry_id, fields in entries)
+            merged.extend((_position(entry_id), name, fields[b"e"]) for entry_id, fields in entries)
         merged.sort(key=lambda item: item[0])
         if len(merged) > limit:
             return LOST
-        return Replay(True, [(name, envelope, seq) for _, name, envelope, seq in merged])
-
-
-def _seq(fields: dict[bytes, bytes]) -> int | None:
-    """A state event's sequence number as stored with it (``s``), if any."""
-    raw = fields.get(b"s")
-    return int(raw) if raw is not None and raw.isdigit() else None
+        return Replay(True, [(name, envelope) for _, name, envelope in merged])

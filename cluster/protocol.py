@@ -17,7 +17,6 @@ from cluster.envelope import PRIORITY_RANK
 
 class ErrorCode:
     INVALID_JSON = "INVALID_JSON"
-    SNAPSHOT_LIMIT = "SNAPSHOT_LIMIT"  # a subscribe matched more state channels than PUSH_SNAPSHOT_MAX_CHANNELS
     INVALID_MESSAGE = "INVALID_MESSAGE"
     UNKNOWN_ACTION = "UNKNOWN_ACTION"
     INVALID_CHANNEL = "INVALID_CHANNEL"
@@ -28,6 +27,7 @@ class ErrorCode:
     TOO_MANY_CONNECTIONS = "TOO_MANY_CONNECTIONS"
     RATE_LIMITED = "RATE_LIMITED"
     INTERNAL = "INTERNAL"
+    SNAPSHOT_LIMIT = "SNAPSHOT_LIMIT"  # a subscribe matched more state channels than PUSH_SNAPSHOT_MAX_CHANNELS
 
 
 class CloseCode:
@@ -68,7 +68,7 @@ class Subscribe:
     priority: int | None = None  # rank: only events of this rank or lower (0 = p0)
     limit: float | None = None  # events per second for these channels
     since: str | None = None
-    snapshot: bool = True  # state channels: the latest value of each matching channel right after the ack
+    snapshot: bool | None = None  # state channels: their latest values right after the ack (None: the node's default)
     delta: str | None = None  # "fossil": state channels' events as Fossil deltas of the previous one (docs/DELTA.md)
 
 
@@ -134,8 +134,8 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
     since = options.get("since")
     if since is not None and (type(since) is not str or not 0 < len(since) <= MAX_CURSOR):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.since must be a cursor string", request_id)
-    snapshot = options.get("snapshot", True)
-    if type(snapshot) is not bool:
+    snapshot = options.get("snapshot")
+    if snapshot is not None and type(snapshot) is not bool:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.snapshot must be true or false", request_id)
     delta = options.get("delta")
     if delta is not None and delta not in DELTA_FORMATS:

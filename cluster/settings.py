@@ -166,6 +166,12 @@ class Settings:
         "Event types whose channels are state channels: a subscribe gets their latest value at once, events carry a per-channel seq (comma list).",
         _csv,
     )
+    snapshot_by_default: bool = _setting(
+        False,
+        "PUSH_SNAPSHOT_BY_DEFAULT",
+        "A subscribe without options.snapshot gets state channels' latest values (off: only with options.snapshot true).",
+        _bool,
+    )
     snapshot_max_channels: int = _setting(
         200,
         "PUSH_SNAPSHOT_MAX_CHANNELS",

@@ -94,11 +94,11 @@ class ShardedPublisher:
         max_events: int,
         retention_seconds: int,
         state_seconds: int | None = None,
-    ) -> None:
+    ) -> int:
         """Store then publish one event; raises the last shard error once ``retry_seconds`` are spent.
 
         ``state_seconds`` marks a state channel (cluster/state.py): its latest value is kept that
-        long and the live message carries the channel's sequence number.
+        long and the envelope carries the channel's sequence number, which is returned (else 0).
         """
         retention_ms = retention_seconds * 1000
         if not self._ready:
@@ -115,10 +115,11 @@ class ShardedPublisher:
         if user_id is None:
             bus = EVENTS_PREFIX + channel
             await self._retrying(lambda: self._on_owner(PUBLIC_ROUTE_KEY, lambda shard: shard.publish(bus, message)))
-            return
+            return seq
         routed = routed_message(channel, message)
         for bus_channel in (user_channel(user_id), admin_shard_channel(user_id)):
             await self._retrying(lambda c=bus_channel: self._on_owner(c, lambda shard: shard.spublish(c, routed)))
+        return seq
 
     async def close(self) -> None:
         for shard in self._shards.values():

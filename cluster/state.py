@@ -10,11 +10,11 @@ A channel whose type is a state type (``PUSH_STATE_TYPES``, default
 - ``push:state:channels:<type>``: the set of the type's state channels, for a
   wildcard subscribe (``market.ticker:*``).
 
-The SDK's publish script writes both with the history, and the live message of a
-state event carries its sequence number in front of the envelope: ``#<seq> <envelope>``
-(a JSON envelope never starts with ``#``, so a plain envelope still parses). Nodes
-put it in the ``event`` message as ``seq``, answer a subscribe with the latest
-values (:class:`LatestValues`), and clients detect gaps with it.
+The SDK's publish script writes both with the history, and adds the sequence number to
+the envelope as its last field, ``"seq":N`` (:func:`with_seq`): the live message is
+still a plain JSON envelope. Nodes copy it into the ``event`` message beside
+``cursor``, answer a subscribe with the latest values (:class:`LatestValues`) when it
+asks (``options.snapshot``), and clients detect gaps with it.
 
 Pure but for :class:`LatestValues`, which reads Redis.
 """
@@ -28,8 +28,6 @@ from cluster.redis_url import AsyncClient
 
 STATE_PREFIX = "push:state:"
 STATE_SET_PREFIX = "push:state:channels:"
-SEQ_MARK = b"#"
-MAX_SEQ_DIGITS = 19
 
 
 def state_key(channel: str, cluster: bool) -> str:
@@ -41,18 +39,13 @@ def state_set_key(event_type: str) -> str:
 
 
 def with_seq(seq: int, envelope: bytes) -> bytes:
-    """The live message of a state event: ``#<seq> <envelope>``."""
-    return b"#%d %s" % (seq, envelope)
+    """The envelope with its channel's sequence number as its last field: ``{…,"seq":N}``.
 
-
-def split_seq(message: bytes) -> tuple[int | None, bytes]:
-    """(seq, envelope) of a bus message; seq is None for a message without one (or a malformed mark)."""
-    if message[:1] != SEQ_MARK:
-        return None, message
-    digits, sep, envelope = message[1:].partition(b" ")
-    if not sep or not digits.isdigit() or len(digits) > MAX_SEQ_DIGITS:
-        return None, message  # not ours: the envelope parser refuses it as it is
-    return int(digits), envelope
+    The publish script does the same in Lua (``string.sub(e, 1, -2) .. ',"seq":' .. n .. '}'``),
+    so history, the latest value and the live message all carry it, and ``PUBLISH
+    events:<channel>`` still carries a plain JSON envelope (SPEC §3).
+    """
+    return b'%s,"seq":%d}' % (envelope.rstrip()[:-1], seq)
 
 
 @dataclass(frozen=True, slots=True)

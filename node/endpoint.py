@@ -346,7 +346,8 @@ class Session:
                 for text in subscribed
             }
         snapshots: dict = {}
-        if added and message.snapshot:  # a recovered subscription gets its history instead
+        snapshot = self.state.settings.snapshot_by_default if message.snapshot is None else message.snapshot
+        if added and snapshot:  # a recovered subscription gets its history instead
             wanted = {s.pattern: text for text, s in added if not (recovered and recovered.get(text))}
             snapshots = await self.state.recovery.snapshots(list(wanted))
         position = await self.state.recovery.position()

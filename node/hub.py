@@ -41,7 +41,6 @@ from cluster.envelope import Envelope, EnvelopeError, parse_envelope, wrap_legac
 from cluster.history import make_cursor
 from cluster.logs import RateLimitedLog
 from cluster.metrics import BUS_COUNTS, BUS_PLAIN_PRIVATE, EVENTS_DELIVERED, EVENTS_PUBLISHED, SUBSCRIPTIONS_ACTIVE
-from cluster.state import split_seq
 from node.connection import (
     WRITE_HIGH_WATER,
     ClientConnection,
@@ -228,9 +227,7 @@ class Hub:
         else:
             BUS_COUNTS.unwanted += 1
             return
-        seq, data = split_seq(data)
         envelope = parse_envelope(data, self.max_envelope_bytes)
-        envelope.seq = seq
         if envelope.type != channel.type:
             raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
         if envelope.user_id is not None and not replayed:
@@ -268,9 +265,7 @@ class Hub:
         if not any(_wants(conn, candidates) for conn in recipients):
             BUS_COUNTS.unwanted += 1
             return None
-        seq, raw = split_seq(raw)
         envelope = parse_envelope(raw, self.max_envelope_bytes)
-        envelope.seq = seq
         if envelope.type != channel.type:
             raise EnvelopeError("channel_mismatch", f"type {envelope.type} published on channel {name}")
         return name, channel, candidates, envelope

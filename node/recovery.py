@@ -20,7 +20,7 @@ from cluster.clock import now_ms
 from cluster.envelope import EnvelopeError, parse_envelope
 from cluster.history import Cursor, History, Replay, make_cursor, parse_cursor
 from cluster.logs import log
-from cluster.state import LatestValues, Snapshot, with_seq
+from cluster.state import LatestValues, Snapshot
 from node.connection import ClientConnection, Subscription, count_drop, text_frame
 from node.hub import EVENTS_PREFIX_BYTES, Hub
 from node.queue import CONFLATED_TYPES
@@ -100,9 +100,8 @@ class Recovery:
                     conn.send_control(protocol.lagged(0, "bus_interrupted"))
             return 0
         self.hub.expect_overlap(CATCH_UP_OVERLAP_SECONDS)
-        for name, raw, seq in replay.events:
-            message = raw if seq is None else with_seq(seq, raw)
-            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), message, replayed=True)
+        for name, raw in replay.events:
+            self.hub.on_bus_message(EVENTS_PREFIX_BYTES + name.encode(), raw, replayed=True)
         return len(replay.events)
 
     def resume(
@@ -122,11 +121,11 @@ class Recovery:
         for subscription in subscriptions:
             replay = replays.get(subscription.pattern)
             if replay is not None and replay.recovered:
-                for channel_name, raw, seq in replay.events:
-                    self._offer_history(conn, subscription, channel_name, raw, seq, sent, newest)
+                for channel_name, raw in replay.events:
+                    self._offer_history(conn, subscription, channel_name, raw, sent, newest)
             elif snapshots and (snapshot := snapshots.get(subscription.pattern)) is not None:
                 for latest in snapshot.values:
-                    self._offer_history(conn, subscription, latest.channel, latest.envelope, latest.seq, sent, newest)
+                    self._offer_history(conn, subscription, latest.channel, latest.envelope, sent, newest)
         for subscription in subscriptions:
             held, subscription.held = subscription.held or [], None
             for event_id, frame, rank, expires_at, conflate, timestamp, name, seq in held:
@@ -145,7 +144,6 @@ class Recovery:
         subscription: Subscription,
         name: str,
         raw: bytes,
-        seq: int | None,
         sent: set[str],
         newest: dict[str, int],
     ) -> None:
@@ -162,6 +160,7 @@ class Recovery:
         if not self.hub.may_receive(conn, envelope, channel.domain):
             return
         sent.add(envelope.id)
+        seq = envelope.seq
         if seq is not None and seq > newest.get(name, 0):
             newest[name] = seq
         frame = text_frame(protocol.event_frame(name, raw, make_cursor(self.hub.epoch, name, envelope.id), seq))

@@ -382,3 +382,41 @@ async def test_a_delta_announcing_more_than_64_kib_is_refused(scripted_node):
         assert gaps == [(BOOK, 2, 2)] and len(received) == 1
     finally:
         await client.close()
+
+
+def ticker_frame(channel: str, seq: int) -> bytes:
+    envelope = orjson.dumps({"id": f"{channel}#{seq}#{random.random()}", "type": "market.ticker", "payload": {}})
+    return protocol.event_frame(channel, envelope, f"e:{seq}", seq)
+
+
+async def test_a_seq_jump_renews_every_matching_subscription_once_and_replays_are_ignored(scripted_node):
+    gaps: list[tuple] = []
+    client = PushClient(scripted_node.url, on_gap=lambda *gap: gaps.append(gap), min_backoff=0.01, max_backoff=0.05)
+    client.subscribe(["market.ticker:*"], lambda e: None)
+    client.subscribe(["market.ticker:A/B", "market.trades"], lambda e: None, limit=2)
+    client.subscribe(["order.*"], lambda e: None)
+    async with client:
+        for _ in range(3):
+            await scripted_node.ack(await scripted_node.expect("subscribe"))
+        for seq in (1, 2, 2, 1, 3):  # a repeat and a replay: nothing newer was missed
+            await scripted_node.send(ticker_frame("market.ticker:A/B", seq))
+        await scripted_node.send(ticker_frame("market.ticker:A/B", 6))
+        unsubscribe = await scripted_node.expect("unsubscribe")
+        renewed = [await scripted_node.expect("subscribe") for _ in range(2)]
+        assert gaps == [("market.ticker:A/B", 4, 6)]
+        assert unsubscribe["channels"] == ["market.ticker:*", "market.ticker:A/B", "market.trades"]
+        assert [r["channels"] for r in renewed] == [["market.ticker:*"], ["market.ticker:A/B", "market.trades"]]
+        assert all("since" not in r.get("options", {}) for r in renewed)
+        for subscribe in renewed:
+            await scripted_node.ack(subscribe)
+        # a new connection starts the count again: its first seq is no gap
+        old = scripted_node.ws
+        await old.close(code=1012)
+        for _ in range(3):
+            await scripted_node.ack(await scripted_node.expect("subscribe"))
+        await async_wait_until(lambda: client.connects == 2)
+        await scripted_node.send(ticker_frame("market.ticker:A/B", 40))
+        await scripted_node.send(ticker_frame("market.ticker:A/B", 41))
+        await scripted_node.send(ticker_frame("market.ticker:A/B", 43))  # the next gap tells that 40 was none
+        await async_wait_until(lambda: len(gaps) == 2)
+        assert gaps == [("market.ticker:A/B", 4, 6), ("market.ticker:A/B", 42, 43)]

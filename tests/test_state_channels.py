@@ -20,10 +20,11 @@ def ticker(node: Any, key: str, price: float, **kwargs: Any) -> dict[str, Any]:
 
 
 async def test_a_subscriber_gets_the_latest_value_at_once_then_live_events_in_sequence(start_node, connect) -> None:
+    """With ``options.snapshot: true`` (or PUSH_SNAPSHOT_BY_DEFAULT=true, see the next tests)."""
     node = start_node("state-1")
     published = [ticker(node, "SNAP/1", price) for price in (1.0, 2.0, 3.0)]
     client = await connect(node)
-    ack = await client.subscribe(["market.ticker:SNAP/1"])
+    ack = await client.subscribe(["market.ticker:SNAP/1"], snapshot=True)
     assert ack["subscribed"] == ["market.ticker:SNAP/1"]
     [latest] = await client.events(1, timeout=2)
     assert latest["data"]["id"] == published[2]["id"] and latest["seq"] == 3
@@ -43,17 +44,18 @@ async def test_a_wildcard_gets_the_latest_value_of_every_key_and_snapshot_false_
         ticker(node, key, 2.0)
     publish(node.redis_url, "market.trades", {"n": 1}, key="W/A")  # not a state channel
     client = await connect(node)
-    await client.subscribe(["market.ticker:*"])
+    await client.subscribe(["market.ticker:*"], snapshot=True)
     latest = await client.events(3, timeout=2)
     assert sorted((e["channel"], e["seq"], e["data"]["payload"]["price"]) for e in latest) == [
         ("market.ticker:W/A", 2, 2.0),
         ("market.ticker:W/B", 2, 2.0),
         ("market.ticker:W/C", 2, 2.0),
     ]
-    quiet = await connect(node)
-    ack = await quiet.subscribe(["market.ticker:*"], snapshot=False)
-    assert ack["subscribed"] == ["market.ticker:*"]
-    await quiet.no_event(0.5)
+    for options in ({"snapshot": False}, {}):  # off unless asked (PUSH_SNAPSHOT_BY_DEFAULT, README)
+        quiet = await connect(node)
+        ack = await quiet.subscribe(["market.ticker:*"], **options)
+        assert ack["subscribed"] == ["market.ticker:*"]
+        await quiet.no_event(0.5)
 
 
 async def test_a_wildcard_beyond_the_snapshot_limit_says_how_many_were_left_out(
@@ -63,7 +65,7 @@ async def test_a_wildcard_beyond_the_snapshot_limit_says_how_many_were_left_out(
     for key in ("L/A", "L/B", "L/C", "L/D"):
         ticker(node, key, 1.0)
     client = await connect(node)
-    await client.send({"action": "subscribe", "channels": ["market.ticker:*"], "id": "big"})
+    await client.send({"action": "subscribe", "channels": ["market.ticker:*"], "options": {"snapshot": True}, "id": "big"})
     ack = await client.recv_action("ack")
     assert ack["subscribed"] == ["market.ticker:*"]
     error = await client.recv_action("error")
@@ -78,7 +80,7 @@ async def test_an_expired_latest_value_is_not_sent(start_node, connect) -> None:
     ticker(node, "TTL/1", 1.0, ttl=200)
     await asyncio.sleep(0.4)
     client = await connect(node)
-    await client.subscribe(["market.ticker:TTL/1"])
+    await client.subscribe(["market.ticker:TTL/1"], snapshot=True)
     await client.no_event(0.5)
 
 
@@ -108,3 +110,35 @@ async def test_push_client_resubscribes_for_a_fresh_snapshot_when_it_sees_a_gap(
         await async_wait_until(lambda: books and books[-1] == 6, timeout=5, message="the latest book")
     assert gaps[0][0] == "market.orderbook:RS/1"
     assert gaps[0][1] < gaps[0][2]
+
+
+async def test_with_snapshots_by_default_a_plain_subscribe_gets_the_latest_value(start_node, connect) -> None:
+    node = start_node("state-7", PUSH_SNAPSHOT_BY_DEFAULT="true")
+    published = [ticker(node, "DEF/1", price) for price in (1.0, 2.0, 3.0)]
+    client = await connect(node)
+    await client.subscribe(["market.ticker:DEF/1"])
+    [latest] = await client.events(1, timeout=2)
+    assert latest["data"] == published[2] and latest["seq"] == 3
+
+
+async def test_the_bus_and_the_sdk_carry_the_seq_inside_a_plain_envelope(redis_server) -> None:
+    """SPEC §3: events:<channel> carries a JSON envelope; a state channel's has "seq" as its last field."""
+    import orjson
+
+    bus = redis_server.client()
+    listener = bus.pubsub(ignore_subscribe_messages=True)
+    try:
+        listener.subscribe("events:market.orderbook:BUS/1")
+        listener.get_message(timeout=1)
+        first = publish(redis_server.url, "market.orderbook", {"bids": []}, key="BUS/1")
+        second = publish(redis_server.url, "market.orderbook", {"bids": [1]}, key="BUS/1")
+        seen = []
+        while len(seen) < 2:
+            message = listener.get_message(timeout=2)
+            assert message is not None
+            seen.append(orjson.loads(message["data"]))
+        assert seen == [first, second]
+        assert second["seq"] == first["seq"] + 1
+    finally:
+        listener.close()
+        bus.close()

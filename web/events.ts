@@ -148,6 +148,7 @@ export const ERROR_CODES = [
   "TOO_MANY_CONNECTIONS",
   "RATE_LIMITED",
   "INTERNAL",
+  "SNAPSHOT_LIMIT",
 ] as const;
 export type ErrorCode = (typeof ERROR_CODES)[number];
 
