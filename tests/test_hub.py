@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from fakes import FakeTransport
 
 from cluster.auth import Identity
 from cluster.broker import Broker
@@ -20,27 +21,6 @@ from cluster.metrics import BUS_COUNTS
 from cluster.settings import Settings
 from node.connection import ClientConnection, Subscription
 from node.hub import Hub
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.frames.append(data)
-
-    def writelines(self, data: list[bytes]) -> None:
-        self.frames.extend(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def events(self) -> list[dict]:
-        docs = [orjson.loads(frame[2:] if frame[1] < 126 else frame[4:]) for frame in self.frames]
-        return [doc for doc in docs if doc.get("action") == "event"]
 
 
 class CountingBus(Broker):
@@ -155,3 +135,45 @@ async def test_a_plain_publish_of_a_private_event_reaches_user_and_admins(hub):
     hub.on_bus_message(b"events:order.filled", raw)
     assert len(alice.events()) == 1 and len(admin.events()) == 1
 
+
+
+# --- fan-out, authorization and priorities, in the style of Centrifuge's hub tests -------------
+
+
+def public(event_type: str = "market.ticker", priority: str | None = None) -> tuple[str, bytes]:
+    envelope = build_envelope(event_type, {"p": 1}, source="market-data-collector", priority=priority)
+    return envelope["id"], orjson.dumps(envelope)
+
+
+async def test_one_event_fans_out_to_every_subscriber_as_one_shared_frame(hub):
+    transports = [connect(hub, None, "market.ticker:BTC")[1] for _ in range(50)]
+    _, other = connect(hub, None, "market.ticker:ETH")
+    event_id, raw = public()
+    hub.on_bus_message(b"events:market.ticker:BTC", raw)
+    assert all(len(t.frames) == 1 for t in transports)
+    assert len({id(t.frames[0]) for t in transports}) == 1, "encoded once, written to each"
+    assert transports[0].events()[0]["data"]["id"] == event_id
+    assert other.frames == []
+
+
+async def test_a_private_event_published_plainly_reaches_only_its_user_and_admins(hub):
+    _, alice = connect(hub, "alice", "order.*")
+    _, bob = connect(hub, "bob", "order.*")
+    _, anonymous = connect(hub, None, "*")
+    _, admin = connect(hub, "ops", "*", admin=True)
+    event_id, raw = private("alice")
+    hub.on_bus_message(b"events:order.filled", raw)
+    assert [e["data"]["id"] for e in alice.events()] == [event_id]
+    assert [e["data"]["id"] for e in admin.events()] == [event_id]
+    assert bob.frames == [] and anonymous.frames == []
+
+
+async def test_a_subscription_gets_only_events_of_its_priority_or_higher(hub):
+    conn, transport = connect(hub, None)
+    hub.subscribe(conn, Subscription(parse_pattern("market.*"), 1, None))  # options.priority p1
+    sent: dict[str, str] = {}
+    for priority in ("p0", "p1", "p2", "p3"):
+        envelope = build_envelope("market.trades", {}, source="market-data-collector", priority=priority)
+        sent[priority] = envelope["id"]
+        hub.on_bus_message(b"events:market.trades", orjson.dumps(envelope))
+    assert [e["data"]["id"] for e in transport.events()] == [sent["p0"], sent["p1"]]
