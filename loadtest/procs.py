@@ -1,7 +1,7 @@
 """Starting and stopping the processes a load run needs: redis-server, push nodes, a router.
 
 Shared by the benchmark (:mod:`loadtest.bench`) and the locust wrapper
-(:mod:`loadtest.run`). Every child is started with ``PR_SET_PDEATHSIG`` so it
+(:mod:`loadtest.run`), on top of the project's one launcher (:mod:`pushctl.launch`). Every child is started with ``PR_SET_PDEATHSIG`` so it
 dies with the load tool even if that is killed with SIGKILL, may be pinned to a
 CPU set, and is stopped by :meth:`Child.stop` (SIGTERM, then SIGKILL after a
 bounded wait). Everything listens on 127.0.0.1 only.
@@ -10,30 +10,29 @@ bounded wait). Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-PR_SET_PDEATHSIG = 1
+from pushctl.launch import (
+    ROOT,
+    die_with_parent,
+    free_port,
+    http_ok,
+    pushctl_argv,
+    redis_server_argv,
+    service_env,
+    stop,
+    wait_until,
+)
+
 START_TIMEOUT = 20.0
 BENCH_JWT_SECRET = "delta-push-loadtest-secret-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raise_nofile() -> int:
@@ -47,19 +46,13 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def child_setup(cpus: set[int] | None, death_signal: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for children the benchmark starts itself (pinned, dying with it)."""
+    return die_with_parent(death_signal, cpus)
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def child_setup(cpus: set[int] | None, death_signal: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def setup() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, death_signal)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
 
 
 class Child:
@@ -85,7 +78,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=child_setup(cpus, death_signal),
+                preexec_fn=die_with_parent(death_signal, cpus),
             )
 
     @property
@@ -102,34 +95,19 @@ class Child:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop(self.proc, timeout)
         with contextlib.suppress(OSError):
             self.log_path.unlink()
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, child: Child | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child is not None and not child.alive():
-            raise RuntimeError(f"{what}: {child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-        if condition():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        if child is None:
+            wait_until(condition, timeout, what)
+        else:
+            wait_until(condition, timeout, f"{what} ({child.name})", child.proc, child.log_tail)
+    except TimeoutError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def port_open(port: int) -> bool:
@@ -140,37 +118,19 @@ def port_open(port: int) -> bool:
 
 def start_redis(cpus: set[int] | None = None) -> tuple[Child, str]:
     """A private redis-server on a free port; returns it and its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
     port = free_port()
-    child = Child(
-        f"redis-{port}",
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxclients",
-            "10000",
-        ],
-        cpus=cpus,
-    )
+    try:
+        argv = redis_server_argv(port, "--maxclients", "10000")
+    except FileNotFoundError as exc:
+        raise RuntimeError(str(exc)) from None
+    child = Child(f"redis-{port}", argv, cpus=cpus)
     wait_for(lambda: port_open(port), START_TIMEOUT, "redis-server", child)
     return child, f"redis://127.0.0.1:{port}/0"
 
 
 def push_env(**settings: str) -> dict[str, str]:
     """The environment of a node or router: ours, with a known JWT secret, without inherited PUSH_*."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
-    env.update({"PUSH_JWT_SECRET": BENCH_JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", "PYTHONPATH": str(ROOT)})
-    env.update(settings)
-    return env
+    return service_env({"PUSH_JWT_SECRET": BENCH_JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", **settings})
 
 
 def start_node(
@@ -178,7 +138,7 @@ def start_node(
 ) -> tuple[Child, int]:
     """`pushctl node` (as ``python -m pushctl.cli node``) on a free port, waited for /readyz."""
     port = port or free_port()
-    argv = [sys.executable, "-m", "pushctl.cli", "node", "--host", "127.0.0.1", "--port", str(port)]
+    argv = pushctl_argv("node", "--host", "127.0.0.1", "--port", str(port))
     argv += ["--node-id", node_id, "--redis-url", redis_url]
     child = Child(f"node-{node_id}-{port}", argv, env=push_env(**settings), cpus=cpus)
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), START_TIMEOUT, f"node {node_id}", child)
@@ -188,7 +148,7 @@ def start_node(
 def router_available() -> bool:
     """Whether this checkout has `pushctl router` (it is being built separately)."""
     probe = subprocess.run(
-        [sys.executable, "-m", "pushctl.cli", "router", "--help"],
+        pushctl_argv("router", "--help"),
         cwd=ROOT,
         env=push_env(),
         capture_output=True,
@@ -199,7 +159,7 @@ def router_available() -> bool:
 
 def start_router(redis_url: str, *, port: int | None = None, **settings: str) -> tuple[Child, int]:
     port = port or free_port()
-    argv = [sys.executable, "-m", "pushctl.cli", "router", "--host", "127.0.0.1", "--port", str(port)]
+    argv = pushctl_argv("router", "--host", "127.0.0.1", "--port", str(port))
     argv += ["--redis-url", redis_url]
     child = Child(f"router-{port}", argv, env=push_env(**settings))
     wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), START_TIMEOUT, "router", child)

@@ -20,30 +20,34 @@ short one is refused, as ``pushctl node`` and ``pushctl router`` refuse it.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import Any
 
 from cluster.settings import Settings, add_setting_flags, settings_from_args
+from pushctl.launch import (
+    ROOT,
+    die_with_parent,
+    free_port,
+    http_ok,
+    port_free,
+    pushctl_argv,
+    redis_server_argv,
+    service_env,
+    stop,
+)
 
 ROUTER_PORT = 8080
 PER_PROCESS = {"host", "port", "node_id", "public_url", "internal_url", "metrics_port"}
 """Settings ``up`` chooses for each process itself."""
 START_TIMEOUT_SECONDS = 20.0
 STOP_GRACE_SECONDS = 5.0
-ROOT = Path(__file__).resolve().parent.parent
-PR_SET_PDEATHSIG = 1
 
 
 def add_up_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +68,7 @@ def up(args: argparse.Namespace) -> int:
         print("pushctl up: --nodes must be at least 1", file=sys.stderr)
         return 2
     ports = [args.port + i for i in range(args.nodes + 1)]
-    busy = [port for port in ports if not _port_free(settings.host, port)]
+    busy = [port for port in ports if not port_free(settings.host, port)]
     if busy:
         print(f"pushctl up: port(s) {', '.join(map(str, busy))} already in use (try --port)", file=sys.stderr)
         return 1
@@ -105,17 +109,17 @@ class PrivateRedis:
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> bool:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            redis_server_argv(self.port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
@@ -128,7 +132,7 @@ class PrivateRedis:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc, STOP_GRACE_SECONDS)
+            stop(self.proc, STOP_GRACE_SECONDS)
             self.proc = None
 
 
@@ -145,11 +149,11 @@ class LocalCluster:
 
     def _spawn(self, name: str, command: list[str]) -> None:
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "pushctl.cli", *command, "--redis-url", self.settings.redis_url],
+            pushctl_argv(*command, "--redis-url", self.settings.redis_url),
             env=self.env,
             cwd=ROOT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
 
     def run(self) -> int:
@@ -189,7 +193,7 @@ class LocalCluster:
                 if code is not None:
                     print(f"pushctl up: {name} exited with code {code} while starting", file=sys.stderr)
                     return False
-                if _http_ok(f"http://{host}:{port}/readyz"):
+                if http_ok(f"http://{host}:{port}/readyz"):
                     del waiting[name]
                     print(f"pushctl up: {name} ready ({time.monotonic() - began:.1f} s)", flush=True)
             if time.monotonic() > deadline:
@@ -216,7 +220,7 @@ class LocalCluster:
                 proc.send_signal(signal.SIGTERM)
         grace = self.settings.drain_seconds + STOP_GRACE_SECONDS
         for proc in self.procs.values():
-            _stop(proc, grace, signalled=True)
+            stop(proc, grace, signalled=True)
         if self.redis is not None:
             self.redis.stop()
         if self.procs:
@@ -259,17 +263,16 @@ def run_in_process(settings: Settings, router_port: int, node_port: int) -> int:
 
 def _child_env(settings: Settings, args: argparse.Namespace) -> dict[str, str]:
     """The environment of every child: ours, plus each setting given as a flag, plus the JWT secret."""
-    env = dict(os.environ)
+    env: dict[str, str] = {}
     for f in fields(Settings):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in PER_PROCESS:
             env[f.metadata["env"]] = _env_value(value)
     env["PUSH_JWT_SECRET"] = settings.jwt_secret
-    env.pop("PUSH_PORT", None)
-    env.pop("PUSH_NODE_ID", None)
-    env.pop("PUSH_METRICS_PORT", None)  # one port cannot serve every child
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
+    child = service_env(env, inherit_settings=True)
+    for per_process in ("PUSH_PORT", "PUSH_NODE_ID", "PUSH_METRICS_PORT"):  # one port cannot serve every child
+        child.pop(per_process, None)
+    return child
 
 
 def _env_value(value: Any) -> str:
@@ -278,26 +281,6 @@ def _env_value(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(value)
     return str(value)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float, signalled: bool = False) -> None:
-    if proc.poll() is not None:
-        return
-    if not signalled:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when ``up`` dies, so nothing is left behind."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: children then outlive a killed `up`
 
 
 def _redis_answers(url: str) -> bool:
@@ -341,30 +324,6 @@ def _live_nodes(url: str) -> list[str]:
 
 def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def safe_url(url: str) -> str:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -26,17 +24,11 @@ import pytest
 import redis
 
 from cluster import protocol
+from pushctl.launch import ROOT, free_port, pushctl_argv, redis_server_argv, service_env, stop
 
-ROOT = Path(__file__).resolve().parent.parent
-PUSHCTL = [sys.executable, "-m", "pushctl.cli"]
+PUSHCTL = pushctl_argv()
 JWT_SECRET = "test-secret-for-delta-push-0123456789abcdef"
 START_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(condition: Any, timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> Any:
@@ -68,14 +60,11 @@ class RedisProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        try:
+            argv = redis_server_argv(self.port)
+        except FileNotFoundError:
             pytest.fail("redis-server is not installed (.ci/run installs it with apt-get)")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
 
         def up() -> bool:
@@ -160,25 +149,16 @@ class NodeProcess:
     def stop(self, sig: int | None = None) -> int | None:
         if self.proc is None:
             return None
-        if sig is None:
-            self.proc.terminate()
-        else:
+        if sig is not None:
             self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
+        code = stop(self.proc, 20, signalled=sig is not None)
         self.proc = None
         return code
 
 
 def node_env(**settings: str) -> dict[str, str]:
     """A test node's environment (the defaults a user gets, with the tests' secret)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_") and k != "REDIS_URL"}
-    env.update({"PUSH_JWT_SECRET": JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", "PYTHONPATH": str(ROOT)})
-    env.update(settings)
-    return env
+    return service_env({"PUSH_JWT_SECRET": JWT_SECRET, "PUSH_DRAIN_SECONDS": "0.5", **settings})
 
 
 @pytest.fixture(scope="session")
