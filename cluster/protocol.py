@@ -70,6 +70,9 @@ class Subscribe:
     since: str | None = None
     snapshot: bool | None = None  # state channels: their latest values right after the ack (None: the node's default)
     delta: str | None = None  # "fossil": state channels' events as Fossil deltas of the previous one (docs/DELTA.md)
+    # options.delta had another value: the node refuses the message's state-channel patterns with
+    # INVALID_MESSAGE and subscribes the others (docs/DELTA.md: "for that subscription only")
+    invalid_delta: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +141,7 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
     if snapshot is not None and type(snapshot) is not bool:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "options.snapshot must be true or false", request_id)
     delta = options.get("delta")
-    if delta is not None and delta not in DELTA_FORMATS:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, 'options.delta must be "fossil"', request_id)
+    invalid_delta = delta is not None and (type(delta) is not str or delta not in DELTA_FORMATS)
     return Subscribe(
         channels,
         request_id,
@@ -147,8 +149,12 @@ def _subscribe(doc: dict[str, Any], request_id: RequestId) -> Subscribe:
         None if limit is None else float(limit),
         since,
         snapshot,
-        delta,
+        None if invalid_delta else delta,
+        invalid_delta,
     )
+
+
+INVALID_DELTA_MESSAGE = 'options.delta must be "fossil"'
 
 
 def parse_client_message(data: str | bytes) -> ClientMessage:
@@ -256,6 +262,22 @@ def event_frame(channel: str, raw_envelope: bytes, cursor: str, seq: int | None 
             b',"cursor":',
             orjson.dumps(cursor),
             b"}" if seq is None else b',"seq":%d}' % seq,
+        )
+    )
+
+
+def delta_event_frame(channel: str, data: bytes, delta: bool, cursor: str, seq: int) -> bytes:
+    """The ``event`` message of a delta channel (docs/DELTA.md): ``data`` is a JSON string already
+    escaped (the envelope's exact text, or the Fossil delta from the envelope of ``seq - 1``)."""
+    return b"".join(
+        (
+            b'{"action":"event","channel":',
+            orjson.dumps(channel),
+            b',"delta":true,"data":' if delta else b',"delta":false,"data":',
+            data,
+            b',"cursor":',
+            orjson.dumps(cursor),
+            b',"seq":%d}' % seq,
         )
     )
 

@@ -25,6 +25,7 @@ from cluster.limits import TokenBucket
 from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
 from cluster.settings import Settings
 from cluster.wsframes import PING_FRAME, control_frame, text_frame
+from node.deltas import DeltaEvent, Version
 from node.queue import EventQueue, QueuedEvent, SlowConsumer
 
 WRITE_HIGH_WATER = 64 * 1024  # bytes in the transport before events wait in the queue
@@ -38,9 +39,9 @@ CLOSE_TIMEOUT_SECONDS = 2.0
 
 _DROPPED = {}  # reason -> labelled counter child, resolved once
 
-HeldEvent = tuple[str, bytes, int, "int | None", "str | None", int, str, "int | None"]
-"""(event id, frame, rank, expires_at, conflated channel, timestamp, channel, state seq) of a live event
-held during recovery or a snapshot."""
+HeldEvent = tuple[str, bytes, int, "int | None", "str | None", int, str, "int | None", "DeltaEvent | None"]
+"""(event id, frame, rank, expires_at, conflated channel, timestamp, channel, state seq, delta event) of a
+live event held during recovery or a snapshot."""
 
 
 def count_drop(reason: str, n: int = 1) -> None:
@@ -58,12 +59,13 @@ def push_bucket(per_second: float, burst: float, now: float) -> TokenBucket:
 class Subscription:
     """One pattern a connection subscribed to, with its options."""
 
-    __slots__ = ("pattern", "max_rank", "bucket", "held", "bus_names")
+    __slots__ = ("pattern", "max_rank", "bucket", "held", "bus_names", "delta")
 
-    def __init__(self, pattern: Pattern, max_rank: int, bucket: TokenBucket | None) -> None:
+    def __init__(self, pattern: Pattern, max_rank: int, bucket: TokenBucket | None, delta: bool = False) -> None:
         self.pattern = pattern
         self.max_rank = max_rank  # deliver events with priority rank <= this (3 admits all)
         self.bucket = bucket  # options.limit, if lower than the connection's rate
+        self.delta = delta  # options.delta: state channels' events as delta frames (node.deltas)
         self.held: list[HeldEvent] | None = None  # live events kept aside until the ack (and history) is out
         self.bus_names: tuple[str, ...] = ()  # the bus subscriptions this pattern holds on the node
 
@@ -95,6 +97,8 @@ class ClientConnection:
         "heard",
         "pinged",
         "nagle",
+        "delta_patterns",
+        "delta_last",
         "__weakref__",
     )  # thousands per node: no per-instance dict
 
@@ -130,12 +134,39 @@ class ClientConnection:
         self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
         self.pinged = False  # a ping went out in the last round and nothing came since
         self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
+        # Delta frames (node.deltas): the patterns that asked for them (None: none, the hub's one check)
+        # and, per delta channel, the version last written there: the only base a delta may use.
+        self.delta_patterns: set[Pattern] | None = None
+        self.delta_last: dict[str, Version] = {}
 
     # --- identity -------------------------------------------------------------
 
     @property
     def user_id(self) -> str | None:
         return self.identity.user_id
+
+    # --- delta frames ------------------------------------------------------------------
+
+    def set_delta(self, pattern: Pattern, delta: bool) -> None:
+        """Note whether ``pattern`` asked for delta frames. Any change forgets every base: a client
+        resubscribing (after a corrupt delta, say) starts each chain again from a full event."""
+        patterns = self.delta_patterns or set()
+        if delta == (pattern in patterns):
+            return
+        if delta:
+            patterns.add(pattern)
+        else:
+            patterns.discard(pattern)
+        self.delta_patterns = patterns or None
+        self.delta_last.clear()
+
+    def delta_frame(self, event: DeltaEvent) -> bytes:
+        """The frame of a delta channel's event, chosen as it is written: a delta only on top of the
+        version written last on this channel, else the full event, which starts the chain again."""
+        last = self.delta_last
+        frame = event.frame_after(last.get(event.channel))
+        last[event.channel] = event.key
+        return frame
 
     # --- outbound: the hot path ---------------------------------------------------
 
@@ -147,8 +178,13 @@ class ClientConnection:
         conflate_channel: str | None,
         bucket: TokenBucket | None,
         timestamp: int,
+        delta: DeltaEvent | None = None,
     ) -> bool:
-        """Send or queue one event frame; True if it was written to the socket now."""
+        """Send or queue one event frame; True if it was written to the socket now.
+
+        With ``delta`` (a delta channel's event), ``frame`` only sizes the queue: what is written
+        is chosen at write time (:meth:`delta_frame`).
+        """
         if self.closing:
             return False
         if self._drainer is None and self.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
@@ -156,14 +192,14 @@ class ClientConnection:
             if (bucket is None or bucket.wait_time(now) == 0.0) and self.bucket.take(now):
                 if bucket is not None:
                     bucket.take(now)
-                self.transport.write(frame)
+                self.transport.write(frame if delta is None else self.delta_frame(delta))
                 if rank == 0 and self.nagle:
                     self.push_now()
                 return True
         try:
             if self.queue is None:
                 self.queue = EventQueue(self._settings.queue_size, self._settings.write_buffer_bytes, self._report_drop)
-            self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp), now_ms())
+            self.queue.push(QueuedEvent(frame, rank, expires_at, conflate_channel, bucket, timestamp, delta), now_ms())
         except SlowConsumer:
             self.close_slow_consumer("p0 events do not fit in the queue")
             return False
@@ -227,7 +263,7 @@ class ClientConnection:
             queue.pop()
             if not frames:
                 oldest_timestamp = head.timestamp
-            frames.append(head.frame)
+            frames.append(head.frame if head.delta is None else self.delta_frame(head.delta))
         if frames:
             self.transport.writelines(frames)
             if self.nagle:

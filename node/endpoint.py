@@ -27,6 +27,7 @@ from cluster.logs import log
 from cluster.metrics import AUTH_FAILURES, CONNECTIONS_REJECTED, PROTOCOL_ERRORS, WS_CONNECTIONS
 from cluster.protocol import CloseCode, ErrorCode, ProtocolError
 from node.connection import WRITE_HIGH_WATER, ClientConnection, Subscription, push_bucket
+from node.deltas import may_match_state
 from node.state import NODE_STATE, NodeState
 from node.websocket import WebSocket
 from node.wshandshake import RequestHead
@@ -271,6 +272,7 @@ class Session:
         invalid: list[str] = []
         forbidden: list[str] = []
         over_limit: list[str] = []
+        bad_delta: list[str] = []
         subscribed: list[str] = []
         added: list[tuple[str, Subscription]] = []
         max_rank = LOWEST_RANK if message.priority is None else message.priority
@@ -283,6 +285,9 @@ class Session:
             if not hub.may_subscribe(conn, pattern):
                 forbidden.append(text)
                 continue
+            if message.invalid_delta and may_match_state(pattern, settings.state_types):
+                bad_delta.append(text)  # a malformed delta request refuses what it applies to, only that
+                continue
             is_new = pattern not in conn.subscriptions
             if is_new and len(conn.subscriptions) >= settings.max_subscriptions:
                 over_limit.append(text)
@@ -291,7 +296,7 @@ class Session:
             if message.limit is not None and message.limit < settings.events_per_second:
                 burst = max(1.0, min(float(settings.events_burst), message.limit))
                 bucket = push_bucket(message.limit, burst, asyncio.get_running_loop().time())
-            subscription = Subscription(pattern, max_rank, bucket)
+            subscription = Subscription(pattern, max_rank, bucket, delta=message.delta is not None)
             if is_new:
                 # Live events wait until the ack is out (and history replayed): the client
                 # sees the ack first, then every event published after it, none twice.
@@ -314,6 +319,8 @@ class Session:
             log("subscribe", node=self.state.node_id, connection=conn.id, user=conn.user_id, channels=subscribed)
         if invalid:
             self._error(ErrorCode.INVALID_CHANNEL, "invalid channel pattern", message.id, invalid)
+        if bad_delta:
+            self._error(ErrorCode.INVALID_MESSAGE, protocol.INVALID_DELTA_MESSAGE, message.id, bad_delta)
         if forbidden:
             self._error(ErrorCode.FORBIDDEN, "a token is required for private channels", message.id, forbidden)
         if over_limit:

@@ -49,6 +49,7 @@ from node.connection import (
     observe_latency,
     text_frame,
 )
+from node.deltas import DeltaChannels, DeltaEvent
 from node.queue import CONFLATED_TYPES
 
 LEGACY_CHANNEL_BYTES = LEGACY_CHANNEL.encode()
@@ -56,6 +57,7 @@ USER_PREFIX_BYTES = USER_PREFIX.encode()
 ADMIN_CHANNEL_BYTES = ADMIN_CHANNEL.encode()
 USER_ID_SLICE = slice(len(USER_PREFIX), -len(USER_SUFFIX))
 CHANNEL_CACHE_SIZE = 10_000
+STATE_CHANNELS_TRACKED = 100_000
 RECENT_IDS = 20_000  # event ids remembered to make a bus catch-up idempotent
 DELIVERED_LIVE = 1  # recent-id flags: seen on the live stream...
 DELIVERED_REPLAY = 2  # ...or delivered to everyone by a bus catch-up
@@ -84,7 +86,9 @@ class Hub:
         self._routed: dict[bytes, ChannelEntry] = {}  # channel name of a routed message -> parsed
         self._log_bad_event = RateLimitedLog(per_second=5)
         self._recent_ids: OrderedDict[str, int] = OrderedDict()
+        self._state_seqs: dict[str, int] = {}  # state channel -> highest seq seen (newer_state)
         self._overlap_until = 0.0  # monotonic time until which live events may repeat a catch-up
+        self.deltas = DeltaChannels()  # previous envelopes of state channels with delta subscribers
 
     # --- connections and subscriptions -------------------------------------------
 
@@ -161,12 +165,14 @@ class Hub:
         self._want(subscription, self._pattern_names(conn, pattern))
         conn.subscriptions[pattern] = subscription
         self.index.setdefault(pattern, {})[conn] = subscription
+        conn.set_delta(pattern, subscription.delta)
 
     def unsubscribe(self, conn: ClientConnection, pattern: Pattern) -> None:
         subscription = conn.subscriptions.pop(pattern, None)
         if subscription is None:
             return
         self._want(subscription, ())
+        conn.set_delta(pattern, False)
         SUBSCRIPTIONS_ACTIVE.dec()
         subscribers = self.index.get(pattern)
         if subscribers is not None:
@@ -293,8 +299,27 @@ class Hub:
                 return  # the catch-up after a reconnect overlaps the live stream
         if len(recent) > RECENT_IDS:
             recent.popitem(last=False)
+        if envelope.seq is not None and not self.newer_state(name, envelope.seq):
+            count_drop("stale")  # an older value of a state channel arriving late (cluster bus reordering)
+            return
         EVENTS_PUBLISHED.inc()
         self.dispatch(name, channel, candidates, envelope, route)
+
+    def newer_state(self, name: str, seq: int) -> bool:
+        """Note a state channel's seq; False if this node already had that value or a newer one.
+
+        A Redis Cluster broadcasts public messages over the cluster bus, so a value published
+        just before a subscribe can arrive after the snapshot that already holds a newer one:
+        a client must never step back to it.
+        """
+        seqs = self._state_seqs
+        last = seqs.get(name)
+        if last is not None and seq <= last:
+            return False
+        if last is None and len(seqs) >= STATE_CHANNELS_TRACKED:
+            seqs.clear()  # bounded; forgetting only loses the guard against late values for a moment
+        seqs[name] = seq
+        return True
 
     def _malformed(self, bus_channel: bytes, exc: Exception) -> None:
         count_drop("malformed")
@@ -317,15 +342,27 @@ class Hub:
         recipients = self._recipients(channel, candidates, envelope, route)
         if recipients is None:
             return 0
-        frame = text_frame(
-            protocol.event_frame(name, envelope.raw, make_cursor(self.epoch, name, envelope.id), envelope.seq)
-        )
+        cursor = make_cursor(self.epoch, name, envelope.id)
+        seq = envelope.seq
+        frame = text_frame(protocol.event_frame(name, envelope.raw, cursor, seq))
         rank, expires_at, timestamp = envelope.priority, envelope.expires_at, envelope.timestamp
         conflate = name if channel.type in CONFLATED_TYPES else None
         now = asyncio.get_running_loop().time()  # the push buckets' clock
         written = 0
+        delta: DeltaEvent | None = None  # made for the first delta recipient, shared by the others
         for conn, subscription in recipients:
             if rank > subscription.max_rank:
+                continue
+            # Delta frames (node.deltas): only state events to connections that asked pay this check.
+            if seq is not None and conn.delta_patterns is not None and not conn.delta_patterns.isdisjoint(candidates):
+                if delta is None:
+                    delta = self.deltas.event(name, envelope.raw, cursor, seq, envelope.id)
+                if subscription.held is not None:
+                    conn.hold(
+                        subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, delta)
+                    )
+                elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp, delta):
+                    written += 1
                 continue
             # The common recipient, inlined (ClientConnection.offer does the same and more):
             # nothing waiting, no subscription limit, a draining socket, a push token.
@@ -341,7 +378,7 @@ class Hub:
                     conn.push_now()  # p0 never waits for the client's ACK
                 written += 1
             elif subscription.held is not None:
-                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, envelope.seq))
+                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, None))
             elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp):
                 written += 1
         if written:

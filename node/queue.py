@@ -32,12 +32,20 @@ class SlowConsumer(Exception):
 
 
 class QueuedEvent:
-    __slots__ = ("frame", "rank", "expires_at", "channel", "bucket", "timestamp", "seq", "live")
+    __slots__ = ("frame", "rank", "expires_at", "channel", "bucket", "timestamp", "seq", "live", "delta")
 
     def __init__(
-        self, frame: bytes, rank: int, expires_at: int | None, channel: str | None, bucket: object, timestamp: int = 0
+        self,
+        frame: bytes,
+        rank: int,
+        expires_at: int | None,
+        channel: str | None,
+        bucket: object,
+        timestamp: int = 0,
+        delta: object = None,
     ) -> None:
         self.frame = frame
+        self.delta = delta  # a delta channel's event (node.deltas): its frame is chosen when written
         self.timestamp = timestamp
         self.rank = rank
         self.expires_at = expires_at
@@ -71,6 +79,7 @@ class EventQueue:
                 if queued.rank == item.rank:
                     self.bytes += len(item.frame) - len(queued.frame)
                     queued.frame, queued.expires_at, queued.bucket = item.frame, item.expires_at, item.bucket
+                    queued.delta = item.delta
                     queued.timestamp = item.timestamp
                     self._note_expiry(item.expires_at)
                     self._report("conflated", 1)

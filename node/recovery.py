@@ -15,13 +15,14 @@ import logging
 
 from cluster import protocol
 from cluster.broker import BUS_ERRORS
-from cluster.channels import ANY, NO_KEY, Pattern, parse_channel
+from cluster.channels import ANY, NO_KEY, Pattern, candidate_patterns, parse_channel
 from cluster.clock import now_ms
 from cluster.envelope import EnvelopeError, parse_envelope
 from cluster.history import Cursor, History, Replay, make_cursor, parse_cursor
 from cluster.logs import log
 from cluster.state import LatestValues, Snapshot
 from node.connection import ClientConnection, Subscription, count_drop, text_frame
+from node.deltas import full_event
 from node.hub import EVENTS_PREFIX_BYTES, Hub
 from node.queue import CONFLATED_TYPES
 
@@ -128,7 +129,7 @@ class Recovery:
                     self._offer_history(conn, subscription, latest.channel, latest.envelope, sent, newest)
         for subscription in subscriptions:
             held, subscription.held = subscription.held or [], None
-            for event_id, frame, rank, expires_at, conflate, timestamp, name, seq in held:
+            for event_id, frame, rank, expires_at, conflate, timestamp, name, seq, delta in held:
                 if event_id in sent:
                     continue
                 if seq is not None and seq <= newest.get(name, 0):
@@ -136,7 +137,7 @@ class Recovery:
                 sent.add(event_id)
                 if expires_at is not None and expires_at < now_ms():
                     continue
-                conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp)
+                conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp, delta)
 
     def _offer_history(
         self,
@@ -163,6 +164,17 @@ class Recovery:
         seq = envelope.seq
         if seq is not None and seq > newest.get(name, 0):
             newest[name] = seq
-        frame = text_frame(protocol.event_frame(name, raw, make_cursor(self.hub.epoch, name, envelope.id), seq))
+            self.hub.newer_state(name, seq)  # a live value older than this, arriving late, is dropped
+        cursor = make_cursor(self.hub.epoch, name, envelope.id)
+        frame = text_frame(protocol.event_frame(name, raw, cursor, seq))
         conflate = name if channel.type in CONFLATED_TYPES else None
-        conn.offer(frame, envelope.priority, envelope.expires_at, conflate, subscription.bucket, envelope.timestamp)
+        delta = None
+        patterns = conn.delta_patterns
+        if seq is not None and patterns is not None and not patterns.isdisjoint(candidate_patterns(channel)):
+            # On a delta channel a replay or snapshot is always a full event: it starts the chain
+            # again, and becomes the base of the next live event's delta if it is the newest.
+            delta = full_event(name, raw, cursor, (seq, envelope.id))
+            self.hub.deltas.remember(name, delta.key, raw)
+        conn.offer(
+            frame, envelope.priority, envelope.expires_at, conflate, subscription.bucket, envelope.timestamp, delta
+        )
