@@ -86,7 +86,7 @@ class Hub:
         self._routed: dict[bytes, ChannelEntry] = {}  # channel name of a routed message -> parsed
         self._log_bad_event = RateLimitedLog(per_second=5)
         self._recent_ids: OrderedDict[str, int] = OrderedDict()
-        self._state_seqs: dict[str, int] = {}  # state channel -> highest seq seen (newer_state)
+        self._state_seqs: dict[str, tuple[int, int]] = {}  # state channel -> (seq, timestamp) newest seen
         self._overlap_until = 0.0  # monotonic time until which live events may repeat a catch-up
         self.deltas = DeltaChannels()  # previous envelopes of state channels with delta subscribers
 
@@ -299,26 +299,28 @@ class Hub:
                 return  # the catch-up after a reconnect overlaps the live stream
         if len(recent) > RECENT_IDS:
             recent.popitem(last=False)
-        if envelope.seq is not None and not self.newer_state(name, envelope.seq):
+        if envelope.seq is not None and not self.newer_state(name, envelope.seq, envelope.timestamp):
             count_drop("stale")  # an older value of a state channel arriving late (cluster bus reordering)
             return
         EVENTS_PUBLISHED.inc()
         self.dispatch(name, channel, candidates, envelope, route)
 
-    def newer_state(self, name: str, seq: int) -> bool:
-        """Note a state channel's seq; False if this node already had that value or a newer one.
+    def newer_state(self, name: str, seq: int, timestamp: int) -> bool:
+        """Note a state channel's value; False if this node already had it or a newer one.
 
         A Redis Cluster broadcasts public messages over the cluster bus, so a value published
         just before a subscribe can arrive after the snapshot that already holds a newer one:
-        a client must never step back to it.
+        a client must never step back to it. A value is old only if both its seq and its
+        timestamp are not above the newest seen: a channel whose counter started again (Redis
+        flushed, the latest value expired) has newer timestamps and is taken.
         """
         seqs = self._state_seqs
         last = seqs.get(name)
-        if last is not None and seq <= last:
+        if last is not None and seq <= last[0] and timestamp <= last[1]:
             return False
         if last is None and len(seqs) >= STATE_CHANNELS_TRACKED:
             seqs.clear()  # bounded; forgetting only loses the guard against late values for a moment
-        seqs[name] = seq
+        seqs[name] = (seq, timestamp)
         return True
 
     def _malformed(self, bus_channel: bytes, exc: Exception) -> None:

@@ -164,7 +164,7 @@ class Recovery:
         seq = envelope.seq
         if seq is not None and seq > newest.get(name, 0):
             newest[name] = seq
-            self.hub.newer_state(name, seq)  # a live value older than this, arriving late, is dropped
+            self.hub.newer_state(name, seq, envelope.timestamp)  # a live value older than this, arriving late, is dropped
         cursor = make_cursor(self.hub.epoch, name, envelope.id)
         frame = text_frame(protocol.event_frame(name, raw, cursor, seq))
         conflate = name if channel.type in CONFLATED_TYPES else None

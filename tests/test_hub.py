@@ -177,3 +177,16 @@ async def test_a_subscription_gets_only_events_of_its_priority_or_higher(hub):
         sent[priority] = envelope["id"]
         hub.on_bus_message(b"events:market.trades", orjson.dumps(envelope))
     assert [e["data"]["id"] for e in transport.events()] == [sent["p0"], sent["p1"]]
+
+
+async def test_a_state_value_older_than_the_newest_seen_is_dropped_but_a_restarted_counter_is_not(hub):
+    _, transport = connect(hub, None, "market.ticker:LATE")
+
+    def ticker(seq: int, timestamp: int) -> bytes:
+        envelope = build_envelope("market.ticker", {"seq": seq}, source="market-data-collector")
+        envelope.update(seq=seq, timestamp=timestamp)
+        return orjson.dumps(envelope)
+
+    for seq, timestamp in ((5, 1_000), (4, 990), (6, 1_010), (1, 5_000)):  # 4 arrives late; 1: Redis was flushed
+        hub.on_bus_message(b"events:market.ticker:LATE", ticker(seq, timestamp))
+    assert [e["seq"] for e in transport.events()] == [5, 6, 1]

@@ -257,3 +257,17 @@ async def test_a_master_sigkilled_under_load_loses_nothing_for_a_resuming_client
         for node in nodes:
             node.stop()
         cluster.stop(keep_logs=not failed_over)
+
+
+async def test_state_channels_number_their_events_and_give_the_latest_value_on_a_cluster(
+    redis_cluster: RedisClusterProcesses, cluster_nodes: list[NodeProcess], connect: Any
+) -> None:
+    published = await publish_all(redis_cluster.url, [("market.orderbook", {"key": "RC/STATE"})] * 3)
+    assert [e["seq"] for e in published] == [1, 2, 3]
+    client = await connect(cluster_nodes[1])
+    await client.subscribe(["market.orderbook:RC/STATE"], snapshot=True)
+    [latest] = await client.events(1)
+    assert latest["data"] == published[2] and latest["seq"] == 3
+    [live] = await publish_all(redis_cluster.url, [("market.orderbook", {"key": "RC/STATE"})])
+    [event] = await client.events(1)
+    assert event["data"] == live and event["seq"] == 4
