@@ -21,6 +21,7 @@ from aiohttp import WSMsgType, web
 from cluster import protocol
 from cluster.auth import AuthError
 from cluster.channels import ChannelError, parse_pattern
+from cluster.envelope import PRIORITIES
 from cluster.handshake import UpgradeRequest, authenticate, origin_allowed, reject, send_elsewhere, token_from_request
 from cluster.limits import TokenBucket
 from cluster.logs import log
@@ -32,7 +33,7 @@ from node.state import NODE_STATE, NodeState
 from node.websocket import WebSocket
 from node.wshandshake import RequestHead
 
-LOWEST_RANK = 3
+LOWEST_RANK = len(PRIORITIES) - 1  # p3
 BUS_SETTLE_SECONDS = 2.0  # longest a subscribe waits for Redis to confirm its bus subscriptions
 _CLIENT_TASKS: set[asyncio.Task[None]] = set()  # the serving task of each upgraded client, kept referenced
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+from cluster.envelope import PRIORITIES
+
 CONFLATED_TYPES = frozenset({"market.ticker", "market.orderbook"})
-LANES = 4  # p0..p3
+LANES = len(PRIORITIES)  # one lane per priority, p0..p3
 
 DropReporter = Callable[[str, int], None]
 """Called with (reason, count) for every event the queue drops."""
