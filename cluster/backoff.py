@@ -1,4 +1,5 @@
-"""Reconnect pacing shared by every loop that reconnects: the bus, membership, PushClient.
+"""Reconnecting: the pacing every reconnecting client uses (the bus, membership, PushClient),
+and the one reconnect loop of the bus and membership.
 
 Capped exponential backoff with full jitter: the n-th wait is uniform in
 ``[0, min(cap, first × 2ⁿ)]``, so a whole fleet that lost Redis (or a node) at the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable
 
 
 class Backoff:
@@ -32,3 +34,38 @@ class Backoff:
 
     async def wait(self) -> None:
         await asyncio.sleep(self.next())
+
+
+class Reconnection:
+    """What a session of :func:`keep_connected` gets: whether it follows a loss, and a way to say it is up."""
+
+    __slots__ = ("backoff", "lost")
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.backoff = backoff
+        self.lost = False  # the last session failed: this one is a reconnect
+
+    def connected(self) -> bool:
+        """The session is up: the backoff starts over. True if this was a reconnect."""
+        was_lost, self.lost = self.lost, False
+        self.backoff.reset()
+        return was_lost
+
+
+async def keep_connected(
+    session: Callable[[Reconnection], Awaitable[None]],
+    errors: tuple[type[BaseException], ...],
+    on_lost: Callable[[BaseException, bool], None],
+    backoff: Backoff,
+) -> None:
+    """The one reconnect loop (the bus, membership): run ``session`` until cancelled; when it fails
+    with one of ``errors``, call ``on_lost(exc, first)`` (``first``: not already lost, so say it
+    once), wait the backoff and run it again. The session cleans up after itself."""
+    state = Reconnection(backoff)
+    while True:
+        try:
+            await session(state)
+        except errors as exc:
+            on_lost(exc, not state.lost)
+            state.lost = True
+            await backoff.wait()

@@ -29,7 +29,7 @@ from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cluster.backoff import Backoff
+from cluster.backoff import Backoff, Reconnection, keep_connected
 from cluster.bus_interest import InterestCounts
 from cluster.bus_reader import BusConnection, BusLink, BusRefused, MessageHandler
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, LEGACY_CHANNEL, USER_PREFIX, BusName
@@ -200,53 +200,50 @@ class RedisBroker(Broker):
     # --- the connection ---------------------------------------------------------------
 
     async def run(self, handler: MessageHandler) -> None:
-        backoff = Backoff(0.1, self._max_backoff)
-        lost = False
-        while True:
-            conn: BusLink | None = None
-            try:
-                conn = await self._open(handler)
-                self._to_subscribe.clear()
-                self._to_unsubscribe.clear()
-                self._pending.clear()
-                self._conn = conn
-                names = self.interest.reset()
-                conn.subscribe(names)
-                barrier = conn.ping()
-                self._await_confirmation(barrier, names)
-                BUS_SUBSCRIPTIONS.set(len(names))
-                if not await asyncio.wait_for(barrier, SUBSCRIBE_TIMEOUT_SECONDS):
-                    raise conn.closed.result() if conn.closed.done() else ConnectionError("subscribe failed")
-                self.epoch = await self.load_epoch()
-                if self.on_ready is not None:
-                    await self.on_ready()
-                self.ready.set()
-                BUS_CONNECTED.set(1)
-                if lost:
-                    REDIS_RECONNECTS.inc()
-                    log("redis_reconnected", url=_safe_url(self.url))
-                    lost = False
-                backoff.reset()
-                await self._watch(conn)
-            except BUS_ERRORS as exc:
-                self.ready.clear()
-                BUS_CONNECTED.set(0)
-                if isinstance(exc, BusRefused):  # a misconfiguration (ACL, password): said on every retry, bounded
-                    self._log_refused("bus_refused", logging.ERROR, url=_safe_url(self.url), detail=str(exc)[:200])
-                elif not lost:
-                    log(
-                        "redis_lost",
-                        logging.WARNING,
-                        url=_safe_url(self.url),
-                        reason=type(exc).__name__,
-                        detail=str(exc)[:200],
-                    )
-                lost = True
-                await backoff.wait()
-            finally:
-                self._conn = None
-                if conn is not None:
-                    conn.close()
+        await keep_connected(
+            lambda reconnection: self._session(handler, reconnection),
+            BUS_ERRORS,
+            self._lost,
+            Backoff(0.1, self._max_backoff),
+        )
+
+    async def _session(self, handler: MessageHandler, reconnection: Reconnection) -> None:
+        """Connect, subscribe everything wanted, wait for Redis to confirm, then watch until lost."""
+        conn: BusLink | None = None
+        try:
+            conn = await self._open(handler)
+            self._to_subscribe.clear()
+            self._to_unsubscribe.clear()
+            self._pending.clear()
+            self._conn = conn
+            names = self.interest.reset()
+            conn.subscribe(names)
+            barrier = conn.ping()
+            self._await_confirmation(barrier, names)
+            BUS_SUBSCRIPTIONS.set(len(names))
+            if not await asyncio.wait_for(barrier, SUBSCRIBE_TIMEOUT_SECONDS):
+                raise conn.closed.result() if conn.closed.done() else ConnectionError("subscribe failed")
+            self.epoch = await self.load_epoch()
+            if self.on_ready is not None:
+                await self.on_ready()
+            self.ready.set()
+            BUS_CONNECTED.set(1)
+            if reconnection.connected():
+                REDIS_RECONNECTS.inc()
+                log("redis_reconnected", url=_safe_url(self.url))
+            await self._watch(conn)
+        finally:
+            self._conn = None
+            if conn is not None:
+                conn.close()
+
+    def _lost(self, exc: BaseException, first: bool) -> None:
+        self.ready.clear()
+        BUS_CONNECTED.set(0)
+        if isinstance(exc, BusRefused):  # a misconfiguration (ACL, password): said on every retry, bounded
+            self._log_refused("bus_refused", logging.ERROR, url=_safe_url(self.url), detail=str(exc)[:200])
+        elif first:
+            log("redis_lost", logging.WARNING, url=_safe_url(self.url), reason=type(exc).__name__, detail=str(exc)[:200])
 
     async def _watch(self, conn: BusLink) -> None:
         """Sweep lingering names and check the connection's health until it is lost; raises why."""

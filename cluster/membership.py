@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from cluster.backoff import Backoff
+from cluster.backoff import Backoff, Reconnection, keep_connected
 from cluster.broker import BUS_ERRORS
 from cluster.clock import now_ms
 from cluster.logs import log
@@ -253,39 +253,37 @@ class RedisMembership(Membership):
             return False
 
     async def watch(self) -> None:
-        backoff = Backoff(0.1, self._max_backoff)
-        lost = False
-        while True:
-            pubsub = None
+        await keep_connected(self._session, MEMBERSHIP_ERRORS, self._lost, Backoff(0.1, self._max_backoff))
+
+    async def _session(self, reconnection: Reconnection) -> None:
+        """Subscribe to announcements, read the live list, then follow it until lost."""
+        pubsub = None
+        try:
+            if isinstance(self.client, RedisCluster):  # its pub/sub needs the slot map, as it is now
+                await self.client.initialize()
+                if reconnection.lost:
+                    await self.client.nodes_manager.initialize()
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(MEMBERSHIP_CHANNEL)
+            if reconnection.lost:
+                self._grace = dict(self.nodes)
+                self._grace_until = time.monotonic() + self.ttl_ms / 1000
+            await self.refresh()  # after subscribing: no announcement can fall in between
+            checkpoint()
+            if reconnection.connected():
+                log("membership_reconnected", kept=len(self._grace) or None)
+            await self._follow(pubsub)
+        finally:
             try:
-                if isinstance(self.client, RedisCluster):  # its pub/sub needs the slot map, as it is now
-                    await self.client.initialize()
-                    if lost:
-                        await self.client.nodes_manager.initialize()
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(MEMBERSHIP_CHANNEL)
-                if lost:
-                    self._grace = dict(self.nodes)
-                    self._grace_until = time.monotonic() + self.ttl_ms / 1000
-                await self.refresh()  # after subscribing: no announcement can fall in between
-                checkpoint()
-                if lost:
-                    log("membership_reconnected", kept=len(self._grace) or None)
-                    lost = False
-                backoff.reset()
-                await self._follow(pubsub)
-            except MEMBERSHIP_ERRORS as exc:
-                self.connected = False
-                if not lost:
-                    log("membership_lost", logging.WARNING, reason=type(exc).__name__)
-                lost = True
-                await backoff.wait()
-            finally:
-                try:
-                    if pubsub is not None:
-                        await pubsub.aclose()
-                except MEMBERSHIP_ERRORS:
-                    pass  # the connection is already gone
+                if pubsub is not None:
+                    await pubsub.aclose()
+            except MEMBERSHIP_ERRORS:
+                pass  # the connection is already gone
+
+    def _lost(self, exc: BaseException, first: bool) -> None:
+        self.connected = False
+        if first:
+            log("membership_lost", logging.WARNING, reason=type(exc).__name__)
 
     async def _follow(self, pubsub: aioredis.client.PubSub) -> None:
         """Re-read on every announcement, and at least once per heartbeat period.
