@@ -359,7 +359,18 @@ class Hub:
             if seq is not None and conn.delta_patterns is not None and not conn.delta_patterns.isdisjoint(candidates):
                 if delta is None:
                     delta = self.deltas.event(name, envelope.raw, cursor, seq, envelope.id)
-                if subscription.held is not None:
+                if (  # the common recipient again, with the frame chosen now (it is written now)
+                    conn.direct
+                    and subscription.bucket is None
+                    and subscription.held is None
+                    and conn.transport.get_write_buffer_size() < WRITE_HIGH_WATER
+                    and conn.bucket.take(now)
+                ):
+                    conn.transport.write(conn.delta_frame(delta))
+                    if rank == 0 and conn.nagle:
+                        conn.push_now()
+                    written += 1
+                elif subscription.held is not None:
                     conn.hold(
                         subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, delta)
                     )
