@@ -251,3 +251,54 @@ def test_expired_token_without_refresh_shows_the_4001_reason(start_node, start_r
     assert page.get_attribute("#state", "data-state") == "closed", "no retry with a token that cannot work"
     assert "4001" in page.inner_text("#log")
     page.screenshot(path=str(SHOTS / f"delta-push-browser-expired-{'live' if ttl > 0 else 'at-connect'}.png"))
+
+
+BROWSER_BOOKS = """async (url) => {
+  const { DeltaPush } = await import("/web/delta-push.js");
+  window.__deltaFrames = 0;
+  class CountingWebSocket extends WebSocket {  // counts the delta frames the node really sent
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("message", (e) => {
+        if (typeof e.data === "string" && e.data.includes('"delta":true')) window.__deltaFrames += 1;
+      });
+    }
+  }
+  window.__books = { full: [], delta: [], gaps: [] };
+  window.__clients = [];
+  for (const mode of ["full", "delta"]) {
+    const client = new DeltaPush({ url, WebSocket: CountingWebSocket, onGap: (gap) => window.__books.gaps.push(gap) });
+    client.subscribe("market.orderbook:WEB/D", (event) => window.__books[mode].push(event),
+                     mode === "delta" ? { delta: "fossil" } : {});
+    client.connect();
+    window.__clients.push(client);
+  }
+}"""
+
+
+def test_browser_delta_subscriber_ends_with_the_same_payloads_as_a_full_subscriber(start_node, start_router, open_page):
+    """Issue 15: web/delta-push.js on a `delta: "fossil"` subscription, in Chromium, against a real node."""
+    import random
+
+    from fossil_fixtures import next_book, order_book
+
+    node = start_node("web-delta")
+    router = start_router()
+    page = open_page(router.http + "/")
+    page.evaluate(BROWSER_BOOKS, node.url)
+    page.wait_for_function("() => window.__clients.every((c) => c.subscriptions.every((s) => s.acked))", timeout=10_000)
+    rng = random.Random(7)
+    books = [order_book(rng)]
+    while len(books) < 12:
+        books.append(next_book(books[-1], rng))
+    published = [publish(node.redis_url, "market.orderbook", b["payload"], key="WEB/D") for b in books]
+    page.wait_for_function(
+        "(n) => window.__books.full.length >= n && window.__books.delta.length >= n", arg=len(published), timeout=10_000
+    )
+    got = page.evaluate("() => window.__books")
+    assert [e["data"] for e in got["full"]] == published
+    assert [e["data"] for e in got["delta"]] == published  # same envelopes, rebuilt from deltas
+    assert [e["seq"] for e in got["delta"]] == [e["seq"] for e in got["full"]]
+    assert all("delta" not in e for e in got["delta"])
+    assert got["gaps"] == []
+    assert page.evaluate("() => window.__deltaFrames") == len(published) - 1  # all but the chain's first
