@@ -122,10 +122,10 @@ class Settings:
     )
     ws_heartbeat: float = _setting(30.0, "PUSH_WS_HEARTBEAT", "Seconds between WebSocket protocol pings.")
     tcp_nodelay: bool = _setting(
-        False,
+        True,
         "PUSH_TCP_NODELAY",
-        "Write every event frame to the network at once; off: the kernel coalesces small frames while earlier "
-        "ones are unacknowledged (Nagle, as Nchan); p0 events, replies and paced writes still go out at once.",
+        "Write every event frame to the network at once; false: the kernel coalesces small frames while earlier "
+        "ones are unacknowledged (Nagle, as Nchan): less CPU per delivery to slow readers, see the README.",
         _bool,
     )
     # --- cluster ---------------------------------------------------------------

@@ -349,7 +349,7 @@ class ClientConnection:
     # --- coalescing small frames in the kernel (PUSH_TCP_NODELAY off) ---------------------
 
     def coalesce(self) -> None:
-        """Let the kernel hold small frames while earlier ones are unacknowledged (Nagle).
+        """Let the kernel hold small frames while earlier ones are unacknowledged (Nagle; PUSH_TCP_NODELAY=false).
 
         Under fan-out most of a node's CPU is one ``write`` per delivery, and with
         TCP_NODELAY each of those sends a segment (on loopback it also runs the

@@ -78,6 +78,9 @@ def upgrade(state: NodeState, transport: asyncio.Transport, request: RequestHead
 def _client_done(task: asyncio.Task[None], ws: WebSocket) -> None:
     _CLIENT_TASKS.discard(task)
     ws.finish()  # close the socket if the close handshake did not
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # aiohttp logged a failing handler; nothing else would see this one.
+        log("client_error", logging.ERROR, reason=type(exc).__name__, detail=str(exc)[:200])
 
 
 async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, transport: asyncio.Transport) -> None:

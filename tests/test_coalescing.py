@@ -1,4 +1,4 @@
-"""Small frames coalesced by the kernel (PUSH_TCP_NODELAY off, the default): a connection turns
+"""Small frames coalesced by the kernel (PUSH_TCP_NODELAY=false, opt-in): a connection turns
 Nagle on after its welcome, and p0 events and replies are still pushed at once."""
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class Transport:
         return False
 
 
-def test_settings_default_to_coalescing():
-    assert Settings().tcp_nodelay is False
+def test_frames_go_out_at_once_unless_coalescing_is_asked_for():
+    assert Settings().tcp_nodelay is True
+    assert Settings.from_env({"PUSH_TCP_NODELAY": "false"}).tcp_nodelay is False
 
 
 async def test_coalesce_turns_nagle_on_and_push_now_flushes_then_turns_it_back_on():
