@@ -2,10 +2,10 @@
 
 Each node heartbeats a record of itself (id, public WebSocket URL, internal URL,
 connection count, start time) every ``heartbeat_seconds``. In Redis that is a
-sorted set ``push:nodes`` scored by lease expiry plus a hash
-``push:node:{push:nodes}:<id>`` (hash-tagged into the sorted set's slot, so the
-scripts work on a Redis Cluster) with the same PEXPIRE, written by one Lua
-script that reads Redis's own clock
+sorted set ``push:nodes`` scored by lease expiry plus a hash ``push:node:<id>``
+(on a Redis Cluster ``push:node:{push:nodes}:<id>``, hash-tagged into the sorted
+set's slot so that the scripts work there) with the same PEXPIRE, written by one
+Lua script that reads Redis's own clock
 (node clocks never matter). Joins and leaves are announced on the pub/sub
 channel ``push:membership``.
 
@@ -41,7 +41,8 @@ from cluster.redis_url import AsyncClient, async_client
 from cluster.ring import Ring
 
 NODES_KEY = "push:nodes"
-NODE_KEY_PREFIX = "push:node:{push:nodes}:"  # hash-tagged with the sorted set: one slot on a Redis Cluster
+NODE_KEY_PREFIX = "push:node:"
+CLUSTER_NODE_KEY_PREFIX = "push:node:{push:nodes}:"  # on a Redis Cluster: hash-tagged into the sorted set's slot
 MEMBERSHIP_CHANNEL = "push:membership"
 
 MEMBERSHIP_ERRORS = (*BUS_ERRORS, RedisError, RedisClusterException)
@@ -214,6 +215,7 @@ class RedisMembership(Membership):
     ) -> None:
         super().__init__(heartbeat_seconds, ttl_seconds)
         self.client = client
+        self.node_key_prefix = CLUSTER_NODE_KEY_PREFIX if isinstance(client, RedisCluster) else NODE_KEY_PREFIX
         self._heartbeat = client.register_script(HEARTBEAT)
         self._read = client.register_script(READ)
         self._leave = client.register_script(LEAVE)
@@ -226,15 +228,15 @@ class RedisMembership(Membership):
 
     async def announce(self, info: NodeInfo, *, join: bool = False) -> None:
         await self._heartbeat(
-            keys=[NODES_KEY, NODE_KEY_PREFIX + info.id],
+            keys=[NODES_KEY, self.node_key_prefix + info.id],
             args=[info.id, self.ttl_ms, info.to_json(), "1" if join else "0", MEMBERSHIP_CHANNEL],
         )
 
     async def withdraw(self, node_id: str) -> None:
-        await self._leave(keys=[NODES_KEY, NODE_KEY_PREFIX + node_id], args=[node_id, MEMBERSHIP_CHANNEL])
+        await self._leave(keys=[NODES_KEY, self.node_key_prefix + node_id], args=[node_id, MEMBERSHIP_CHANNEL])
 
     async def refresh(self) -> None:
-        reply: list[Any] = await self._read(keys=[NODES_KEY], args=[NODE_KEY_PREFIX, MEMBERSHIP_CHANNEL])
+        reply: list[Any] = await self._read(keys=[NODES_KEY], args=[self.node_key_prefix, MEMBERSHIP_CHANNEL])
         now_ms = int(reply[0])
         nodes: dict[str, NodeInfo] = {}
         for i in range(1, len(reply) - 2, 3):
