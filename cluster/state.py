@@ -50,10 +50,9 @@ def with_seq(seq: int, envelope: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Latest:
-    """One state channel's latest value."""
+    """One state channel's latest value (its envelope carries its ``seq``)."""
 
     channel: str
-    seq: int
     envelope: bytes
 
 
@@ -101,11 +100,11 @@ class LatestValues:
             return Snapshot([], left_out)
         pipe = self._client.pipeline(transaction=False)
         for name in names:
-            pipe.hmget(state_key(name, self.cluster), "s", "e")
+            pipe.hget(state_key(name, self.cluster), "e")
         values = [
-            Latest(name, int(seq), envelope)
-            for name, (seq, envelope) in zip(names, await pipe.execute(), strict=True)
-            if seq is not None and envelope is not None
+            Latest(name, envelope)
+            for name, envelope in zip(names, await pipe.execute(), strict=True)
+            if envelope is not None
         ]
         return Snapshot(values, left_out)
 

@@ -355,28 +355,13 @@ class Hub:
         for conn, subscription in recipients:
             if rank > subscription.max_rank:
                 continue
-            # Delta frames (node.deltas): only state events to connections that asked pay this check.
+            # Delta frames (node.deltas): only state events to connections that asked pay this check;
+            # the frame such a recipient gets is chosen as it is written (ClientConnection.delta_frame).
+            choice: DeltaEvent | None = None
             if seq is not None and conn.delta_patterns is not None and not conn.delta_patterns.isdisjoint(candidates):
                 if delta is None:
                     delta = self.deltas.event(name, envelope.raw, cursor, seq, envelope.id)
-                if (  # the common recipient again, with the frame chosen now (it is written now)
-                    conn.direct
-                    and subscription.bucket is None
-                    and subscription.held is None
-                    and conn.transport.get_write_buffer_size() < WRITE_HIGH_WATER
-                    and conn.bucket.take(now)
-                ):
-                    conn.transport.write(conn.delta_frame(delta))
-                    if rank == 0 and conn.nagle:
-                        conn.push_now()
-                    written += 1
-                elif subscription.held is not None:
-                    conn.hold(
-                        subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, delta)
-                    )
-                elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp, delta):
-                    written += 1
-                continue
+                choice = delta
             # The common recipient, inlined (ClientConnection.offer does the same and more):
             # nothing waiting, no subscription limit, a draining socket, a push token.
             if (
@@ -386,13 +371,13 @@ class Hub:
                 and conn.transport.get_write_buffer_size() < WRITE_HIGH_WATER
                 and conn.bucket.take(now)
             ):
-                conn.transport.write(frame)
+                conn.transport.write(frame if choice is None else conn.delta_frame(choice))
                 if rank == 0 and conn.nagle:
                     conn.push_now()  # p0 never waits for the client's ACK
                 written += 1
             elif subscription.held is not None:
-                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, None))
-            elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp):
+                conn.hold(subscription, (envelope.id, frame, rank, expires_at, conflate, timestamp, name, seq, choice))
+            elif conn.offer(frame, rank, expires_at, conflate, subscription.bucket, timestamp, choice):
                 written += 1
         if written:
             EVENTS_DELIVERED.inc(written)
