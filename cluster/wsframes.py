@@ -243,3 +243,18 @@ def client_frame(payload: bytes, opcode: int = OP_TEXT, mask: bytes | None = Non
     """A complete, final, masked client frame; ``mask`` is random unless given (tests)."""
     key = os.urandom(4) if mask is None else mask
     return _length_header(0x80 | opcode, 0x80, len(payload)) + key + unmask(key, payload)
+
+
+def split_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete frames of an unmasked stream (what a server sends) as (opcode, payload), and the
+    incomplete rest to keep for the next read. For clients that read frames, not messages."""
+    frames: list[tuple[int, bytes]] = []
+    pos, end = 0, len(buffer)
+    while (header := frame_header(buffer, pos)) is not None:
+        first, _, length, size = header
+        start = pos + size
+        if start + length > end:
+            break
+        frames.append((first & 0x0F, buffer[start : start + length]))
+        pos = start + length
+    return frames, buffer[pos:]

@@ -38,8 +38,9 @@ import orjson
 
 from cluster import fossil
 from cluster.events import EventPublisher
-from cluster.wsframes import frame_header
+from cluster.wsframes import split_frames
 from loadtest import procs
+from loadtest.books import next_book, order_book
 from loadtest.wsclient import BenchWebSocket, Stats
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,29 +61,14 @@ def cpu_seconds(pid: int) -> float:
 # --- the book stream ---------------------------------------------------------------------
 
 
-def _level(price: float, rng: random.Random) -> list[Any]:
-    quantity = rng.uniform(0.001, 25)
-    return [f"{price:.8f}", f"{quantity:.8f}", f"{price * quantity:.8f}", rng.randrange(1, 40)]
-
-
 def books(count: int, seed: int = 15, levels: int = 50) -> list[dict[str, Any]]:
-    """``count`` successive order book payloads (the idea of tests/fossil_fixtures.py)."""
+    """``count`` successive order book payloads (loadtest/books.py)."""
     rng = random.Random(seed)
-    mid = rng.uniform(20_000, 90_000)
-    bids = [_level(mid - 0.5 * (i + 1), rng) for i in range(levels)]
-    asks = [_level(mid + 0.5 * (i + 1), rng) for i in range(levels)]
+    book = order_book(rng, levels)
     out = []
-    for sequence in range(count):
-        out.append(
-            {"symbol": "BTC/USDT", "bids": [b[:] for b in bids], "asks": [a[:] for a in asks], "sequence": sequence}
-        )
-        for _ in range(3):
-            side = rng.choice((bids, asks))
-            i = rng.randrange(len(side))
-            side[i] = _level(float(side[i][0]), rng)
-        if rng.random() < 1 / 3:
-            del bids[rng.randrange(len(bids))]
-            bids.append(_level(float(bids[-1][0]) - 0.5, rng))
+    for _ in range(count):
+        out.append(book["payload"])
+        book = next_book(book, rng)
     return out
 
 
@@ -105,17 +91,10 @@ class ByteCounter(BenchWebSocket):
         super().data_received(data)
 
     def _count_deltas(self, data: bytes) -> None:
-        data = self.pending + data if self.pending else data
-        pos = 0
-        while (header := frame_header(data, pos)) is not None:
-            _, _, length, size = header
-            start = pos + size
-            if start + length > len(data):
-                break
-            if data.startswith(EVENT_PREFIX, start) and data.find(DELTA_MARK, start, start + 200) >= 0:
+        frames, self.pending = split_frames(self.pending + data if self.pending else data)
+        for _, payload in frames:
+            if payload.startswith(EVENT_PREFIX) and payload.find(DELTA_MARK, 0, 200) >= 0:
                 self.deltas += 1
-            pos = start + length
-        self.pending = data[pos:]
 
 
 class Checker(BenchWebSocket):
@@ -136,20 +115,14 @@ class Checker(BenchWebSocket):
             if not self.upgraded:
                 self.pending, self._buf = self._buf, b""
                 return
-        pos = 0
-        while (header := frame_header(data, pos)) is not None:
-            first, _, length, size = header
-            start = pos + size
-            if start + length > len(data):
-                break
-            if first & 0x0F == 1:
-                payload = data[start : start + length]
-                if payload.startswith(EVENT_PREFIX):
-                    self._event(payload)
-                else:
-                    self._message(payload)  # welcome (then it subscribes), ack
-            pos = start + length
-        self.pending = data[pos:]
+        frames, self.pending = split_frames(data)
+        for opcode, payload in frames:
+            if opcode != 1:
+                continue
+            if payload.startswith(EVENT_PREFIX):
+                self._event(payload)
+            else:
+                self._message(payload)  # welcome (then it subscribes), ack
 
     def _event(self, frame: bytes) -> None:
         doc = orjson.loads(frame)

@@ -27,6 +27,7 @@ from cluster.wsframes import (
     close_code_allowed,
     close_frame,
     frame_header,
+    split_frames,
     text_frame,
     unmask,
 )
@@ -229,3 +230,11 @@ def test_frame_header_reads_the_lengths_the_server_writes(size: int) -> None:
     assert (first & 0x0F, second & 0x80, length) == (OP_TEXT, 0, size)
     assert frame[header:] == b"x" * size
     assert frame_header(frame[: header - 1]) is None  # an incomplete header waits for more bytes
+
+
+def test_split_frames_returns_the_complete_server_frames_and_keeps_the_rest() -> None:
+    stream = text_frame(b"one") + text_frame(b"x" * 300) + text_frame(b"three")
+    frames, rest = split_frames(stream[:-2])
+    assert frames == [(OP_TEXT, b"one"), (OP_TEXT, b"x" * 300)]
+    assert rest == text_frame(b"three")[:-2]
+    assert split_frames(rest + stream[-2:]) == ([(OP_TEXT, b"three")], b"")
