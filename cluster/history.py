@@ -157,8 +157,7 @@ def parse_cursor(text: str) -> Cursor | None:
 
 
 def publish_keys(channel: str, state: bool = False) -> list[str]:
-    domain = channel.partition(".")[0]
-    keys = [STREAM_PREFIX + channel, CHANNELS_PREFIX + domain, SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
+    keys = [STREAM_PREFIX + channel, channels_key(channel), SEQ_KEY, CLOCK_KEY, EPOCH_KEY]
     if state:
         keys += [state_key(channel, cluster=False), state_set_key(channel.partition(":")[0])]
     return keys
