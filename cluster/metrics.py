@@ -31,6 +31,11 @@ BUS_CONNECTED = Gauge(
     "bus_connected", "1 while this process is subscribed to the Redis bus, 0 while it is reconnecting."
 )
 PROTOCOL_ERRORS = Counter("protocol_errors_total", "Error messages sent to clients, by code.", ["code"])
+COALESCING_CONNECTIONS = Gauge(
+    "ws_coalescing_connections",
+    "Client connections whose small frames the kernel coalesces (Nagle): all with PUSH_TCP_NODELAY=false, "
+    "those whose reader is behind with auto.",
+)
 BUS_SUBSCRIPTIONS = Gauge("bus_subscriptions", "Redis channels and patterns this node is subscribed to.")
 SDK_UNREPLICATED = Counter(
     "sdk_unreplicated_events_total",

@@ -24,6 +24,12 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _nodelay_mode(text: str) -> str:
+    """PUSH_TCP_NODELAY: ``auto``, or a boolean (read as ``true``/``false``)."""
+    value = text.strip().lower()
+    return "auto" if value == "auto" else str(_bool(value)).lower()
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -121,12 +127,13 @@ class Settings:
         2.0, "PUSH_BUS_LINGER_SECONDS", "Seconds a bus subscription nobody uses any more is kept before UNSUBSCRIBE."
     )
     ws_heartbeat: float = _setting(30.0, "PUSH_WS_HEARTBEAT", "Seconds between WebSocket protocol pings.")
-    tcp_nodelay: bool = _setting(
-        True,
+    tcp_nodelay: str = _setting(
+        "auto",
         "PUSH_TCP_NODELAY",
-        "Write every event frame to the network at once; false: the kernel coalesces small frames while earlier "
-        "ones are unacknowledged (Nagle, as Nchan): less CPU per delivery to slow readers, see the README.",
-        _bool,
+        "true: every event frame goes to the network at once; false: the kernel coalesces small frames while "
+        "earlier ones are unacknowledged (Nagle, as Nchan); auto: coalesce only for connections whose reader is "
+        "behind (less CPU per delivery to slow readers, see the README).",
+        _nodelay_mode,
     )
     # --- cluster ---------------------------------------------------------------
     drain_seconds: float = _setting(

@@ -22,7 +22,7 @@ from cluster.auth import Identity
 from cluster.channels import Pattern
 from cluster.clock import now_ms
 from cluster.limits import TokenBucket
-from cluster.metrics import EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
+from cluster.metrics import COALESCING_CONNECTIONS, EVENT_CONSUME_LATENCY, EVENTS_DELIVERED, EVENTS_DROPPED
 from cluster.settings import Settings
 from cluster.wsframes import PING_FRAME, control_frame, text_frame
 from node.deltas import DeltaEvent, Version
@@ -97,6 +97,7 @@ class ClientConnection:
         "heard",
         "pinged",
         "nagle",
+        "caught_up_rounds",
         "delta_patterns",
         "delta_last",
         "__weakref__",
@@ -134,6 +135,7 @@ class ClientConnection:
         self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
         self.pinged = False  # a ping went out in the last round and nothing came since
         self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
+        self.caught_up_rounds = 0  # backlog-watch rounds with nothing unsent while coalescing (node.backlog)
         # Delta frames (node.deltas): the patterns that asked for them (None: none, the hub's one check)
         # and, per delta channel, the version last written there: the only base a delta may use.
         self.delta_patterns: set[Pattern] | None = None
@@ -346,7 +348,7 @@ class ClientConnection:
             if self.nagle:
                 self.push_now()
 
-    # --- coalescing small frames in the kernel (PUSH_TCP_NODELAY off) ---------------------
+    # --- coalescing small frames in the kernel (PUSH_TCP_NODELAY false, or auto while behind) ----
 
     def coalesce(self) -> None:
         """Let the kernel hold small frames while earlier ones are unacknowledged (Nagle; PUSH_TCP_NODELAY=false).
@@ -366,7 +368,22 @@ class ClientConnection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
             except OSError:
                 return
+            if not self.nagle:
+                COALESCING_CONNECTIONS.inc()
             self.nagle = True
+            self.caught_up_rounds = 0
+
+    def send_at_once(self) -> None:
+        """Back to one segment per frame (TCP_NODELAY, which also sends what the kernel holds)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                return  # the socket is closing
+        if self.nagle:
+            COALESCING_CONNECTIONS.dec()
+        self.nagle = False
 
     def push_now(self) -> None:
         """Send what the kernel holds for this socket now (setting TCP_NODELAY flushes it)."""
@@ -417,6 +434,9 @@ class ClientConnection:
         self.closing = True
         self.direct = False
         self.queue = None
+        if self.nagle:
+            self.nagle = False
+            COALESCING_CONNECTIONS.dec()
         if self._lagged_timer is not None:
             self._lagged_timer.cancel()
         if self._drainer is not None:

@@ -151,7 +151,7 @@ async def serve_client(state: NodeState, request: UpgradeRequest, ws: Any, trans
         await ws.send_str(
             protocol.welcome(conn.id, state.node_id, identity.user_id, identity.expires_at, settings.public_limits())
         )
-        if not settings.tcp_nodelay:
+        if settings.tcp_nodelay == "false":
             conn.coalesce()  # after the handshake and the welcome, which go out at once
         reason = await session.serve()
     except (ConnectionError, asyncio.CancelledError):

@@ -24,6 +24,7 @@ from cluster.process import StartupError
 from cluster.settings import Settings
 from cluster.slots import ConnectionSlots
 from cluster.state import LatestValues
+from node.backlog import run_backlog_watch
 from node.heartbeat import run_heartbeat
 from node.hub import Hub
 from node.membership import NodePresence
@@ -100,6 +101,8 @@ class NodeState:
             self._tasks.append(
                 asyncio.create_task(run_heartbeat(self.hub, self.settings.ws_heartbeat), name="ws-heartbeat")
             )
+        if self.settings.tcp_nodelay == "auto":
+            self._tasks.append(asyncio.create_task(run_backlog_watch(self.hub), name="backlog-watch"))
         self._tasks.append(asyncio.create_task(self._follow_history(), name="history"))
         self._tasks.extend(asyncio.create_task(work) for work in self.presence.start())
 

@@ -1,11 +1,14 @@
-"""Small frames coalesced by the kernel (PUSH_TCP_NODELAY=false, opt-in): a connection turns
-Nagle on after its welcome, and p0 events and replies are still pushed at once."""
+"""Small frames coalesced by the kernel: with PUSH_TCP_NODELAY=false a connection turns Nagle on
+after its welcome; with auto (the default) only while its reader is behind (node.backlog); p0
+events and replies are pushed at once either way."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import orjson
+import pytest
 
 from cluster.auth import Identity
 from cluster.channels import parse_pattern
@@ -45,9 +48,13 @@ class Transport:
         return False
 
 
-def test_frames_go_out_at_once_unless_coalescing_is_asked_for():
-    assert Settings().tcp_nodelay is True
-    assert Settings.from_env({"PUSH_TCP_NODELAY": "false"}).tcp_nodelay is False
+def test_coalescing_is_automatic_unless_set_either_way():
+    assert Settings().tcp_nodelay == "auto"
+    assert Settings.from_env({"PUSH_TCP_NODELAY": "false"}).tcp_nodelay == "false"
+    assert Settings.from_env({"PUSH_TCP_NODELAY": "1"}).tcp_nodelay == "true"
+    assert Settings.from_env({"PUSH_TCP_NODELAY": "Auto"}).tcp_nodelay == "auto"
+    with pytest.raises(SystemExit, match="PUSH_TCP_NODELAY"):
+        Settings.from_env({"PUSH_TCP_NODELAY": "sometimes"})
 
 
 async def test_coalesce_turns_nagle_on_and_push_now_flushes_then_turns_it_back_on():
@@ -81,3 +88,105 @@ async def test_p0_events_are_pushed_at_once_and_others_wait_for_the_kernel():
         hub.on_bus_message(b"events:market.trades:BTC", orjson.dumps(envelope))
     assert len(transport.frames) == 2
     assert transport.sock.nodelay == [0, 1, 0], "only the p0 event was pushed"
+
+
+class SocketTransport(Transport):
+    """A fake transport over a real, connected TCP socket (the kernel's queues are real)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.real = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.real if name == "socket" else None
+
+
+@pytest.fixture
+def tcp_pair():
+    """(server side, client side) of a loopback TCP connection whose client reads nothing yet."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvloop leaves it
+    listener.close()
+    yield server, client
+    server.close()
+    client.close()
+
+
+def nodelay(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+async def test_backlog_watch_coalesces_for_a_reader_behind_and_stops_once_it_caught_up(tcp_pair):
+    from node.backlog import BEHIND_BYTES, CAUGHT_UP_ROUNDS, unsent_bytes, watch
+
+    server, client = tcp_pair
+    transport = SocketTransport(server)
+    conn = ClientConnection("c", Identity("u", frozenset()), None, transport, Settings(), None)  # type: ignore[arg-type]
+    watch(conn)
+    assert not conn.nagle and nodelay(server), "a reader that keeps up gets one segment per frame"
+    server.setblocking(False)
+    try:
+        while True:  # fill the client's window and the send queue behind it
+            server.send(b"x" * 260)
+    except BlockingIOError:
+        pass
+    assert (unsent_bytes(transport) or 0) >= BEHIND_BYTES
+    watch(conn)
+    assert conn.nagle and not nodelay(server), "a reader behind gets Nagle"
+    client.setblocking(False)
+    while unsent_bytes(transport):  # the reader catches up
+        try:
+            client.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    for _ in range(CAUGHT_UP_ROUNDS - 1):
+        watch(conn)
+        assert conn.nagle, "one quiet look is not enough to switch back"
+    watch(conn)
+    assert not conn.nagle and nodelay(server), "caught up: frames go out at once again"
+
+
+async def test_unsent_bytes_of_a_closed_socket_is_unknown_and_the_watch_leaves_it_alone(tcp_pair):
+    from node.backlog import unsent_bytes, watch
+
+    server, _ = tcp_pair
+    transport = SocketTransport(server)
+    conn = ClientConnection("c", Identity("u", frozenset()), None, transport, Settings(), None)  # type: ignore[arg-type]
+    server.close()
+    assert unsent_bytes(transport) is None
+    watch(conn)
+    assert not conn.nagle
+
+
+async def test_a_node_coalesces_only_for_the_reader_that_is_behind_and_loses_nothing(start_node, connect):
+    """Default PUSH_TCP_NODELAY=auto, seen from outside: ws_coalescing_connections counts the
+    reader that stopped reading, not the one that keeps up, and drops back once it caught up."""
+    from conftest import async_wait_until
+    from rawws import RawWebSocket
+    from test_limits import envelope, publish_burst
+
+    node = start_node("coalesce", PUSH_EVENTS_PER_SECOND="100000", PUSH_EVENTS_BURST="100000")
+    behind = RawWebSocket("127.0.0.1", node.port, recv_buffer=4096)
+    assert behind.recv_json()["action"] == "welcome"
+    behind.send_json({"action": "subscribe", "channels": ["market.trades"], "id": "s"})
+    assert behind.recv_json()["action"] == "ack"
+    keeping_up = await connect(node)
+    await keeping_up.subscribe(["market.trades"])
+    assert node.metric("ws_coalescing_connections") == 0
+    sent = [envelope("market.trades", {"n": n, "pad": "x" * 1000}) for n in range(300)]
+    publish_burst(node.redis_url, [("market.trades", e) for e in sent])
+    assert [e["data"]["id"] for e in await keeping_up.events(300)] == [e["id"] for e in sent]
+    await async_wait_until(lambda: node.metric("ws_coalescing_connections") == 1, timeout=5, message="coalescing on")
+
+    def read_all() -> list[str]:
+        return [behind.recv_json()["data"]["id"] for _ in range(300)]
+
+    assert await asyncio.to_thread(read_all) == [e["id"] for e in sent], "every event, in order"
+    await async_wait_until(lambda: node.metric("ws_coalescing_connections") == 0, timeout=8, message="coalescing off")
+    publish_burst(node.redis_url, [("market.trades", envelope("market.trades", {"after": True}))])
+    assert (await asyncio.to_thread(behind.recv_json))["data"]["payload"] == {"after": True}
+    behind.close()
