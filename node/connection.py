@@ -31,6 +31,7 @@ from node.queue import EventQueue, QueuedEvent, SlowConsumer
 WRITE_HIGH_WATER = 64 * 1024  # bytes in the transport before events wait in the queue
 STALL_POLL_SECONDS = 0.02
 MIN_DRAIN_SLEEP_SECONDS = 0.02
+MAX_DELTA_BASES = 1000  # delta channels whose last written version one connection remembers
 # Sustained pushes run 3% under the configured rate: a client timing arrivals sees
 # network and scheduling jitter, and must still never count more than the limit
 # in a one-second window once the burst is spent.
@@ -137,7 +138,8 @@ class ClientConnection:
         self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
         self.caught_up_rounds = 0  # backlog-watch rounds with nothing unsent while coalescing (node.backlog)
         # Delta frames (node.deltas): the patterns that asked for them (None: none, the hub's one check)
-        # and, per delta channel, the version last written there: the only base a delta may use.
+        # and, per delta channel, the version last written there: the only base a delta may use
+        # (at most MAX_DELTA_BASES channels).
         self.delta_patterns: set[Pattern] | None = None
         self.delta_last: dict[str, Version] = {}
 
@@ -167,6 +169,8 @@ class ClientConnection:
         version written last on this channel, else the full event, which starts the chain again."""
         last = self.delta_last
         frame = event.frame_after(last.get(event.channel))
+        if event.channel not in last and len(last) >= MAX_DELTA_BASES:
+            del last[next(iter(last))]  # bounded: the oldest entry goes; its channel starts again with a full event
         last[event.channel] = event.key
         return frame
 

@@ -95,3 +95,23 @@ def test_the_delta_event_frame_is_the_documented_shape() -> None:
     assert orjson.loads(frame) == {
         "action": "event", "channel": "market.orderbook:X", "delta": True, "data": "1\n2:ab0;", "cursor": "cur", "seq": 9
     }  # fmt: skip
+
+
+async def test_a_connection_remembers_a_bounded_number_of_delta_bases() -> None:
+    """A wildcard delta subscription over many channels keeps at most MAX_DELTA_BASES versions
+    per connection; a channel whose base was forgotten gets a full event, then deltas again."""
+    from fakes import FakeTransport
+
+    from cluster.auth import Identity
+    from cluster.settings import Settings
+    from node.connection import MAX_DELTA_BASES, ClientConnection
+
+    conn = ClientConnection("c", Identity("u", frozenset()), None, FakeTransport(), Settings(), None)  # type: ignore[arg-type]
+    raws = envelopes(2)
+    channels = DeltaChannels(max_channels=MAX_DELTA_BASES + 10)
+    names = [f"market.orderbook:K{n}" for n in range(MAX_DELTA_BASES + 1)]
+    for name in names:
+        conn.delta_frame(channels.event(name, raws[0], "c", 1, "id-1"))
+    assert len(conn.delta_last) == MAX_DELTA_BASES and names[0] not in conn.delta_last
+    assert unframe(conn.delta_frame(channels.event(names[-1], raws[1], "c", 2, "id-2")))["delta"] is True
+    assert unframe(conn.delta_frame(channels.event(names[0], raws[1], "c", 2, "id-2")))["delta"] is False
