@@ -99,6 +99,7 @@ class ClientConnection:
         "pinged",
         "nagle",
         "caught_up_rounds",
+        "widest_window",
         "delta_patterns",
         "delta_last",
         "__weakref__",
@@ -136,7 +137,8 @@ class ClientConnection:
         self.heard = True  # a frame came from the client since the last heartbeat round (node.heartbeat)
         self.pinged = False  # a ping went out in the last round and nothing came since
         self.nagle = False  # the kernel coalesces small frames (PUSH_TCP_NODELAY off): p0 and replies are pushed
-        self.caught_up_rounds = 0  # backlog-watch rounds with nothing unsent while coalescing (node.backlog)
+        self.caught_up_rounds = 0  # backlog-watch rounds caught up while coalescing (node.backlog)
+        self.widest_window = 0  # the widest receive window the client advertised (node.backlog)
         # Delta frames (node.deltas): the patterns that asked for them (None: none, the hub's one check)
         # and, per delta channel, the version last written there: the only base a delta may use
         # (at most MAX_DELTA_BASES channels).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import orjson
 import pytest
@@ -102,11 +103,13 @@ class SocketTransport(Transport):
 
 
 @pytest.fixture
-def tcp_pair():
-    """(server side, client side) of a loopback TCP connection whose client reads nothing yet."""
+def tcp_pair(request):
+    """(server side, client side) of a loopback TCP connection whose client reads nothing yet
+    (``@pytest.mark.parametrize("tcp_pair", [bytes], indirect=True)``: the client's SO_RCVBUF)."""
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if getattr(request, "param", None):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, request.param)
     client.connect(listener.getsockname())
     server, _ = listener.accept()
     server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvloop leaves it
@@ -121,7 +124,7 @@ def nodelay(sock: socket.socket) -> int:
 
 
 async def test_backlog_watch_coalesces_for_a_reader_behind_and_stops_once_it_caught_up(tcp_pair):
-    from node.backlog import BEHIND_BYTES, CAUGHT_UP_ROUNDS, unsent_bytes, watch
+    from node.backlog import CAUGHT_UP_ROUNDS, socket_backlog, watch
 
     server, client = tcp_pair
     transport = SocketTransport(server)
@@ -130,34 +133,69 @@ async def test_backlog_watch_coalesces_for_a_reader_behind_and_stops_once_it_cau
     assert not conn.nagle and nodelay(server), "a reader that keeps up gets one segment per frame"
     server.setblocking(False)
     try:
-        while True:  # fill the client's window and the send queue behind it
+        while True:  # the client reads nothing: its window closes, then our send queue fills
             server.send(b"x" * 260)
     except BlockingIOError:
         pass
-    assert (unsent_bytes(transport) or 0) >= BEHIND_BYTES
+    unsent, window = socket_backlog(transport)  # type: ignore[misc]
+    assert unsent > 0
     watch(conn)
     assert conn.nagle and not nodelay(server), "a reader behind gets Nagle"
     client.setblocking(False)
-    while unsent_bytes(transport):  # the reader catches up
+    deadline = time.monotonic() + 5
+    while socket_backlog(transport)[0] and time.monotonic() < deadline:  # type: ignore[index]  # it catches up
         try:
             client.recv(1 << 20)
         except BlockingIOError:
-            pass
+            time.sleep(0.001)
     for _ in range(CAUGHT_UP_ROUNDS - 1):
         watch(conn)
-        assert conn.nagle, "one quiet look is not enough to switch back"
+        assert conn.nagle, "one look caught up is not enough to switch back"
     watch(conn)
     assert not conn.nagle and nodelay(server), "caught up: frames go out at once again"
 
 
-async def test_unsent_bytes_of_a_closed_socket_is_unknown_and_the_watch_leaves_it_alone(tcp_pair):
-    from node.backlog import unsent_bytes, watch
+@pytest.mark.parametrize("tcp_pair", [32768], indirect=True)  # the bench's slow readers' buffer
+async def test_frames_the_client_has_not_read_count_as_behind_before_our_socket_fills(tcp_pair):
+    """A reader that pauses with room left in its buffer: nothing waits in our socket, but its
+    advertised window shrinks by what it has not read."""
+    from node.backlog import CAUGHT_UP_ROUNDS, UNREAD_BYTES, socket_backlog, watch
+
+    server, client = tcp_pair
+    transport = SocketTransport(server)
+    conn = ClientConnection("c", Identity("u", frozenset()), None, transport, Settings(), None)  # type: ignore[arg-type]
+    watch(conn)  # learns the client's window
+    widest = conn.widest_window
+    assert widest > 0 and not conn.nagle
+    unread = max(UNREAD_BYTES, widest // 4) * 2
+    assert unread < widest
+    for _ in range(unread // 256):
+        server.send(b"x" * 256)
+    time.sleep(0.05)
+    assert socket_backlog(transport)[0] == 0, "everything left our socket"  # type: ignore[index]
+    watch(conn)
+    assert conn.nagle, "the client holds unread frames: coalesce"
+    client.setblocking(False)
+    while True:
+        try:
+            client.recv(1 << 20)
+        except BlockingIOError:
+            break
+    server.send(b"y")  # its ACK carries the reopened window
+    time.sleep(0.05)
+    for _ in range(CAUGHT_UP_ROUNDS):
+        watch(conn)
+    assert not conn.nagle, "read up: frames go out at once again"
+
+
+async def test_the_backlog_of_a_closed_socket_is_unknown_and_the_watch_leaves_it_alone(tcp_pair):
+    from node.backlog import socket_backlog, watch
 
     server, _ = tcp_pair
     transport = SocketTransport(server)
     conn = ClientConnection("c", Identity("u", frozenset()), None, transport, Settings(), None)  # type: ignore[arg-type]
     server.close()
-    assert unsent_bytes(transport) is None
+    assert socket_backlog(transport) is None
     watch(conn)
     assert not conn.nagle
 
@@ -170,7 +208,7 @@ async def test_a_node_coalesces_only_for_the_reader_that_is_behind_and_loses_not
     from test_limits import envelope, publish_burst
 
     node = start_node("coalesce", PUSH_EVENTS_PER_SECOND="100000", PUSH_EVENTS_BURST="100000")
-    behind = RawWebSocket("127.0.0.1", node.port, recv_buffer=4096)
+    behind = RawWebSocket("127.0.0.1", node.port, recv_buffer=65536)
     assert behind.recv_json()["action"] == "welcome"
     behind.send_json({"action": "subscribe", "channels": ["market.trades"], "id": "s"})
     assert behind.recv_json()["action"] == "ack"
