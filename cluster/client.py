@@ -164,7 +164,8 @@ class PushClient:
     ) -> ClientSubscription:
         """Subscribe now (if connected) and after every reconnect.
 
-        ``snapshot=False``: no latest value of state channels after the ack. ``delta="fossil"``: the
+        Without ``snapshot``, the node's default (on): state channels' latest values right after the ack;
+        ``snapshot=False``: none for this subscription. ``delta="fossil"``: the
         node may send state channels' events as deltas; handlers still get whole envelopes.
         """
         subscription = ClientSubscription(list(patterns), handler, priority, limit, snapshot, delta)

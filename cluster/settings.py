@@ -174,9 +174,10 @@ class Settings:
         _csv,
     )
     snapshot_by_default: bool = _setting(
-        False,
+        True,
         "PUSH_SNAPSHOT_BY_DEFAULT",
-        "A subscribe without options.snapshot gets state channels' latest values (off: only with options.snapshot true).",
+        "A subscribe without options.snapshot gets state channels' latest values (options.snapshot false turns "
+        "it off per subscription; false here: only with options.snapshot true).",
         _bool,
     )
     snapshot_max_channels: int = _setting(

@@ -109,9 +109,12 @@ def wait_live(page: Any, timeout: float = 10.0) -> str:
     return page.inner_text("#node")
 
 
-def test_page_served_by_the_router_connects_and_shows_published_events(start_node, start_router, open_page):
-    node = start_node("web-1")
-    router = start_router()
+def test_page_served_by_the_router_connects_and_shows_published_events(
+    start_node, start_router, open_page, private_redis
+):
+    # a Redis of its own: "market.ticker" would first show every ticker other tests left (their latest values)
+    node = start_node("web-1", redis=private_redis)
+    router = start_router(redis=private_redis)
     page = open_page(router.http + "/")  # a new user: the page, a token to paste, Connect
     assert page.get_attribute("#state", "data-state") == "idle"
     page.fill("#token", issue_token(JWT_SECRET, "alice", ttl_seconds=3600))
@@ -144,9 +147,9 @@ def test_page_served_by_the_router_connects_and_shows_published_events(start_nod
     page.screenshot(path=str(SHOTS / "delta-push-browser-live.png"))
 
 
-def test_page_fits_a_phone_width_without_sideways_scroll(start_node, start_router, open_page):
-    node = start_node("web-phone")
-    router = start_router()
+def test_page_fits_a_phone_width_without_sideways_scroll(start_node, start_router, open_page, private_redis):
+    node = start_node("web-phone", redis=private_redis)  # only this test's ticker on the page
+    router = start_router(redis=private_redis)
     page = open_page(page_url(router, "frank"), viewport=PHONE)
     wait_live(page)
     fill = pushctl_publish(

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import uuid
 
 import orjson
 import pytest
@@ -102,8 +103,9 @@ async def test_client_refreshes_its_token_before_expiry(start_node):
 
 def test_pushctl_tail_prints_published_events(start_node):
     node = start_node("tail")
+    key = f"TAIL-{uuid.uuid4().hex[:8]}"  # a channel of its own: a ticker's latest value would come first
     tail = subprocess.Popen(
-        [sys.executable, "-m", "pushctl.cli", "tail", "market.ticker:BTC/USDT", "--url", node.url, "--count", "1"],
+        [sys.executable, "-m", "pushctl.cli", "tail", f"market.ticker:{key}", "--url", node.url, "--count", "1"],
         cwd=ROOT,
         env=node_env(),
         stdout=subprocess.PIPE,
@@ -113,7 +115,7 @@ def test_pushctl_tail_prints_published_events(start_node):
         from conftest import wait_until
 
         wait_until(lambda: node.metric("subscriptions_active") >= 1, message="tail to subscribe")
-        envelope = publish(node.redis_url, "market.ticker", {"price": 42}, key="BTC/USDT")
+        envelope = publish(node.redis_url, "market.ticker", {"price": 42}, key=key)
         out, _ = tail.communicate(timeout=10)
     finally:
         tail.kill()

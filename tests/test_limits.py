@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+import uuid
 
 import pytest
 import redis
@@ -138,8 +139,9 @@ async def test_subscription_limit_option_lowers_the_rate(start_node, connect):
 async def test_last_of_1000_tickers_arrives_through_conflation(start_node, connect):
     node = start_node("conflate")
     client = await connect(node)
-    await client.subscribe(["market.ticker:ETH/USDT"])
-    burst = [("market.ticker:ETH/USDT", envelope("market.ticker", {"n": i})) for i in range(1000)]
+    channel = f"market.ticker:C-{uuid.uuid4().hex[:8]}"  # no latest value of another test's ticker first
+    await client.subscribe([channel])
+    burst = [(channel, envelope("market.ticker", {"n": i})) for i in range(1000)]
     publish_burst(node.redis_url, burst)
     received = await collect(
         client, time.monotonic() + 5, stop_when=lambda r: any(d.get("data", {}).get("payload", {}).get("n") == 999 for _, d in r)
@@ -200,13 +202,14 @@ async def test_client_that_never_reads_does_not_grow_node_memory(start_node, con
     stuck.send_json({"action": "subscribe", "channels": ["market.trades"], "id": "s"})
     assert stuck.recv_json()["action"] == "ack"
     healthy = await connect(node)
-    await healthy.subscribe(["market.ticker:BTC/USDT"])
+    key = f"H-{uuid.uuid4().hex[:8]}"  # no latest value of another test's ticker first
+    await healthy.subscribe([f"market.ticker:{key}"])
     rss_before = _rss_kb(node.proc.pid)
     payload = {"blob": "x" * 4000}
     for _ in range(10):  # 10 x 500 events of 4 KB = 20 MB offered to the stuck client
         publish_burst(node.redis_url, [("market.trades", envelope("market.trades", payload)) for _ in range(500)])
         await asyncio.sleep(0.1)
-    publish(node.redis_url, "market.ticker", {"p": 1}, key="BTC/USDT")
+    publish(node.redis_url, "market.ticker", {"p": 1}, key=key)
     [event] = await healthy.events(1)
     assert event["data"]["payload"] == {"p": 1}, "other clients are served meanwhile"
     growth = _rss_kb(node.proc.pid) - rss_before

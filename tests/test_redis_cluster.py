@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,15 +71,16 @@ async def test_private_keyed_and_wildcard_events_reach_exactly_their_subscribers
         ack = await client.subscribe(["order.*"])
         assert ack["subscribed"] == ["order.*"]
         clients[user] = client
+    key = f"BTC-{uuid.uuid4().hex[:8]}"  # no latest value left by another test comes first
     ticker = await connect(cluster_nodes[1])
-    await ticker.subscribe(["market.ticker:BTC/USDT"])
+    await ticker.subscribe([f"market.ticker:{key}"])
     wildcard = await connect(cluster_nodes[0])
     await wildcard.subscribe(["market.*"])
 
     published = await publish_all(
         redis_cluster.url,
         [("order.filled", {"user_id": user, "key": f"o-{user}"}) for user in users]
-        + [("market.ticker", {"key": "BTC/USDT"}), ("market.ticker", {"key": "ETH/USDT"}), ("market.trades", {})],
+        + [("market.ticker", {"key": key}), ("market.ticker", {"key": "ETH/USDT"}), ("market.trades", {})],
     )
     for user, envelope in zip(users, published, strict=False):
         [event] = await clients[user].events(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -118,13 +119,14 @@ async def test_client_through_router_is_welcomed_by_the_routed_node_and_receives
         client = await connect(cluster.router.url, token=token(user))
         assert client.welcome["node"] == node_id
         assert client.welcome["userId"] == user
-        ack = await client.subscribe(["order.*", "market.ticker:ETH/USDT"])
-        assert ack["subscribed"] == ["order.*", "market.ticker:ETH/USDT"]
+        key = f"ETH-{uuid.uuid4().hex[:8]}"  # a ticker of its own: none of its latest value before the subscribe
+        ack = await client.subscribe(["order.*", f"market.ticker:{key}"])
+        assert ack["subscribed"] == ["order.*", f"market.ticker:{key}"]
         private = publish(cluster.redis.url, "order.filled", {"qty": 1}, user_id=user)
-        public = publish(cluster.redis.url, "market.ticker", {"price": 2}, key="ETH/USDT")
+        public = publish(cluster.redis.url, "market.ticker", {"price": 2}, key=key)
         events = await client.events(2)
         assert sorted((e["channel"], e["data"]["id"]) for e in events) == sorted(
-            [("order.filled", private["id"]), ("market.ticker:ETH/USDT", public["id"])]
+            [("order.filled", private["id"]), (f"market.ticker:{key}", public["id"])]
         )
         assert {e["data"]["id"]: e["data"] for e in events}[private["id"]] == private
 

@@ -1,5 +1,7 @@
 """A node started with `pushctl node` welcomes, subscribes and delivers (SPEC §4)."""
 
+import uuid
+
 from conftest import publish, token
 
 
@@ -13,11 +15,12 @@ async def test_welcome_names_node_user_and_limits(shared_node, connect):
 
 
 async def test_public_event_reaches_anonymous_subscriber(shared_node, connect):
+    key = f"BTC-{uuid.uuid4().hex[:8]}"  # a ticker no other test published to: no latest value comes first
     client = await connect(shared_node)
-    ack = await client.subscribe(["market.ticker:BTC/USDT"])
-    assert ack["subscribed"] == ["market.ticker:BTC/USDT"]
-    envelope = publish(shared_node.redis_url, "market.ticker", {"price": 1}, key="BTC/USDT")
+    ack = await client.subscribe([f"market.ticker:{key}"])
+    assert ack["subscribed"] == [f"market.ticker:{key}"]
+    envelope = publish(shared_node.redis_url, "market.ticker", {"price": 1}, key=key)
     [event] = await client.events(1)
-    assert event["channel"] == "market.ticker:BTC/USDT"
+    assert event["channel"] == f"market.ticker:{key}"
     assert event["data"] == envelope
     assert event["cursor"]

@@ -2,12 +2,15 @@
 
 ``market.ticker`` and ``market.orderbook`` are state channels by default: the SDK keeps
 each channel's latest event and a sequence number in Redis; a subscribe gets the latest
-value of every matching channel right after its ack, and events carry ``seq``.
+value of every matching channel right after its ack (by default; ``options.snapshot: false``
+turns it off per subscription, ``PUSH_SNAPSHOT_BY_DEFAULT=false`` per node), and events carry
+``seq``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from conftest import async_wait_until, publish
@@ -19,20 +22,44 @@ def ticker(node: Any, key: str, price: float, **kwargs: Any) -> dict[str, Any]:
     return publish(node.redis_url, "market.ticker", {"price": price}, key=key, **kwargs)
 
 
-async def test_a_subscriber_gets_the_latest_value_at_once_then_live_events_in_sequence(start_node, connect) -> None:
-    """With ``options.snapshot: true`` (or PUSH_SNAPSHOT_BY_DEFAULT=true, see the next tests)."""
-    node = start_node("state-1")
-    published = [ticker(node, "SNAP/1", price) for price in (1.0, 2.0, 3.0)]
+def unique(prefix: str) -> str:
+    """A channel key no other test publishes to (they share one Redis)."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def test_a_plain_subscribe_after_three_publishes_gets_the_third_at_once(
+    start_node, connect, private_redis
+) -> None:
+    """The issue's check from outside, literally: no option, ``market.ticker:BTC/USDT`` (on a Redis of its own)."""
+    node = start_node("state-0", redis=private_redis)
+    published = [ticker(node, "BTC/USDT", price) for price in (1.0, 2.0, 3.0)]
     client = await connect(node)
-    ack = await client.subscribe(["market.ticker:SNAP/1"], snapshot=True)
-    assert ack["subscribed"] == ["market.ticker:SNAP/1"]
-    [latest] = await client.events(1, timeout=2)
-    assert latest["data"]["id"] == published[2]["id"] and latest["seq"] == 3
-    await client.no_event(0.3)  # only the latest, not the history
-    live = [ticker(node, "SNAP/1", price) for price in (4.0, 5.0)]
-    events = await client.events(2)
-    assert [e["data"]["id"] for e in events] == [e["id"] for e in live]
-    assert [e["seq"] for e in events] == [4, 5]
+    await client.send({"action": "subscribe", "channels": ["market.ticker:BTC/USDT"], "id": "plain"})
+    ack = await client.recv(timeout=2)
+    assert ack["action"] == "ack" and ack["subscribed"] == ["market.ticker:BTC/USDT"]
+    first = await client.recv(timeout=2)  # the very next message after the ack
+    assert first["action"] == "event" and first["channel"] == "market.ticker:BTC/USDT"
+    assert first["data"] == published[2] and first["data"]["id"] == published[2]["id"] and first["seq"] == 3
+    await client.no_event(0.5)  # only the latest, not the history
+
+
+async def test_a_subscriber_gets_the_latest_value_at_once_then_live_events_in_sequence(start_node, connect) -> None:
+    """By default (no option); ``snapshot: true`` asks for the same (it matters where the node's default is off)."""
+    node = start_node("state-1")
+    for options in ({}, {"snapshot": True}):
+        key = unique("SNAP")
+        channel = f"market.ticker:{key}"
+        published = [ticker(node, key, price) for price in (1.0, 2.0, 3.0)]
+        client = await connect(node)
+        ack = await client.subscribe([channel], **options)
+        assert ack["subscribed"] == [channel]
+        [latest] = await client.events(1, timeout=2)
+        assert latest["data"]["id"] == published[2]["id"] and latest["seq"] == 3
+        await client.no_event(0.3)  # only the latest, not the history
+        live = [ticker(node, key, price) for price in (4.0, 5.0)]
+        events = await client.events(2)
+        assert [e["data"]["id"] for e in events] == [e["id"] for e in live]
+        assert [e["seq"] for e in events] == [4, 5]
 
 
 async def test_a_wildcard_gets_the_latest_value_of_every_key_and_snapshot_false_gets_none(
@@ -43,19 +70,44 @@ async def test_a_wildcard_gets_the_latest_value_of_every_key_and_snapshot_false_
         ticker(node, key, 1.0)
         ticker(node, key, 2.0)
     publish(node.redis_url, "market.trades", {"n": 1}, key="W/A")  # not a state channel
+    for options in ({}, {"snapshot": True}):  # on by default (PUSH_SNAPSHOT_BY_DEFAULT, README)
+        client = await connect(node)
+        await client.subscribe(["market.ticker:*"], **options)
+        latest = await client.events(3, timeout=2)
+        assert sorted((e["channel"], e["seq"], e["data"]["payload"]["price"]) for e in latest) == [
+            ("market.ticker:W/A", 2, 2.0),
+            ("market.ticker:W/B", 2, 2.0),
+            ("market.ticker:W/C", 2, 2.0),
+        ]
+        await client.no_event(0.3)
+    quiet = await connect(node)
+    ack = await quiet.subscribe(["market.ticker:*"], snapshot=False)  # off for this subscription
+    assert ack["subscribed"] == ["market.ticker:*"]
+    await quiet.no_event(0.5)
+
+
+async def test_a_wildcard_on_a_shared_redis_gets_the_latest_value_of_each_of_its_keys(start_node, connect) -> None:
+    """No option; other tests' keys may arrive too (up to PUSH_SNAPSHOT_MAX_CHANNELS): only ours are checked."""
+    node = start_node("state-2b", PUSH_SNAPSHOT_MAX_CHANNELS="10000")
+    keys = [unique("WS") for _ in range(3)]
+    latest = {key: [ticker(node, key, price) for price in (1.0, 2.0)][-1] for key in keys}
     client = await connect(node)
-    await client.subscribe(["market.ticker:*"], snapshot=True)
-    latest = await client.events(3, timeout=2)
-    assert sorted((e["channel"], e["seq"], e["data"]["payload"]["price"]) for e in latest) == [
-        ("market.ticker:W/A", 2, 2.0),
-        ("market.ticker:W/B", 2, 2.0),
-        ("market.ticker:W/C", 2, 2.0),
-    ]
-    for options in ({"snapshot": False}, {}):  # off unless asked (PUSH_SNAPSHOT_BY_DEFAULT, README)
-        quiet = await connect(node)
-        ack = await quiet.subscribe(["market.ticker:*"], **options)
-        assert ack["subscribed"] == ["market.ticker:*"]
-        await quiet.no_event(0.5)
+    await client.send({"action": "subscribe", "channels": ["market.ticker:*"], "id": "all"})
+    ack = await client.recv_action("ack")
+    assert ack["subscribed"] == ["market.ticker:*"]
+    ours: dict[str, list[dict[str, Any]]] = {}
+    while True:  # the snapshot follows the ack; nothing is published live here
+        try:
+            doc = await client.recv(timeout=0.5)
+        except TimeoutError:
+            break
+        assert doc["action"] == "event", doc  # no SNAPSHOT_LIMIT error with this limit
+        key = doc["channel"].partition(":")[2]
+        if key in latest:
+            ours.setdefault(key, []).append(doc)
+    assert {key: [(e["data"], e["seq"]) for e in events] for key, events in ours.items()} == {
+        key: [(envelope, 2)] for key, envelope in latest.items()
+    }
 
 
 async def test_a_wildcard_beyond_the_snapshot_limit_says_how_many_were_left_out(
@@ -112,13 +164,21 @@ async def test_push_client_resubscribes_for_a_fresh_snapshot_when_it_sees_a_gap(
     assert gaps[0][1] < gaps[0][2]
 
 
-async def test_with_snapshots_by_default_a_plain_subscribe_gets_the_latest_value(start_node, connect) -> None:
-    node = start_node("state-7", PUSH_SNAPSHOT_BY_DEFAULT="true")
-    published = [ticker(node, "DEF/1", price) for price in (1.0, 2.0, 3.0)]
+async def test_with_snapshots_off_for_the_node_only_snapshot_true_gets_the_latest_value(start_node, connect) -> None:
+    node = start_node("state-7", PUSH_SNAPSHOT_BY_DEFAULT="false")
+    key = unique("DEF")
+    channel = f"market.ticker:{key}"
+    published = [ticker(node, key, price) for price in (1.0, 2.0, 3.0)]
+    for options in ({}, {"snapshot": False}):
+        quiet = await connect(node)
+        ack = await quiet.subscribe([channel], **options)
+        assert ack["subscribed"] == [channel]
+        await quiet.no_event(0.5)
     client = await connect(node)
-    await client.subscribe(["market.ticker:DEF/1"])
+    await client.subscribe([channel], snapshot=True)
     [latest] = await client.events(1, timeout=2)
     assert latest["data"] == published[2] and latest["seq"] == 3
+    await client.no_event(0.3)
 
 
 async def test_the_bus_and_the_sdk_carry_the_seq_inside_a_plain_envelope(redis_server) -> None:

@@ -306,7 +306,8 @@ export class DeltaPush {
    * `options.priority`: only events of that priority or higher; `options.limit`: events per
    * second for these patterns (both enforced by the node); `options.since`: a cursor to resume from;
    * `options.onUnrecovered(channels)`: this subscription's `recovered: false`;
-   * `options.snapshot: false`: no latest value of state channels right after the ack;
+   * `options.snapshot`: state channels' latest values right after the ack (`true`) or not (`false`),
+   * without it the node's default, which is on (`PUSH_SNAPSHOT_BY_DEFAULT`);
    * `options.delta: "fossil"`: state channels' events may come as deltas (handlers still get whole envelopes).
    */
   subscribe(patterns, handler, options = {}) {
