@@ -137,7 +137,7 @@ async def test_backlog_watch_coalesces_for_a_reader_behind_and_stops_once_it_cau
             server.send(b"x" * 260)
     except BlockingIOError:
         pass
-    unsent, window = socket_backlog(transport)  # type: ignore[misc]
+    unsent, _ = socket_backlog(transport)  # type: ignore[misc]
     assert unsent > 0
     watch(conn)
     assert conn.nagle and not nodelay(server), "a reader behind gets Nagle"
