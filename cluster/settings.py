@@ -128,11 +128,11 @@ class Settings:
     )
     ws_heartbeat: float = _setting(30.0, "PUSH_WS_HEARTBEAT", "Seconds between WebSocket protocol pings.")
     tcp_nodelay: str = _setting(
-        "auto",
+        "false",
         "PUSH_TCP_NODELAY",
-        "true: every event frame goes to the network at once; false: the kernel coalesces small frames while "
-        "earlier ones are unacknowledged (Nagle, as Nchan); auto: coalesce only for connections whose reader is "
-        "behind (less CPU per delivery to slow readers, see the README).",
+        "false: the kernel coalesces small event frames while earlier ones are unacknowledged (Nagle, as Nchan; "
+        "p0 events and replies go at once): less CPU per delivery to slow readers; true: every frame goes to the "
+        "network at once; auto: coalesce only for connections whose reader is behind (see the README).",
         _nodelay_mode,
     )
     # --- cluster ---------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Small frames coalesced by the kernel: with PUSH_TCP_NODELAY=false a connection turns Nagle on
-after its welcome; with auto (the default) only while its reader is behind (node.backlog); p0
+"""Small frames coalesced by the kernel: with PUSH_TCP_NODELAY=false (the default) a connection
+turns Nagle on after its welcome; with auto only while its reader is behind (node.backlog); p0
 events and replies are pushed at once either way."""
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ class Transport:
         return False
 
 
-def test_coalescing_is_automatic_unless_set_either_way():
-    assert Settings().tcp_nodelay == "auto"
-    assert Settings.from_env({"PUSH_TCP_NODELAY": "false"}).tcp_nodelay == "false"
+def test_coalescing_is_the_default_and_can_be_automatic_or_off():
+    assert Settings().tcp_nodelay == "false"
+    assert Settings.from_env({"PUSH_TCP_NODELAY": "0"}).tcp_nodelay == "false"
     assert Settings.from_env({"PUSH_TCP_NODELAY": "1"}).tcp_nodelay == "true"
     assert Settings.from_env({"PUSH_TCP_NODELAY": "Auto"}).tcp_nodelay == "auto"
     with pytest.raises(SystemExit, match="PUSH_TCP_NODELAY"):
@@ -200,14 +200,32 @@ async def test_the_backlog_of_a_closed_socket_is_unknown_and_the_watch_leaves_it
     assert not conn.nagle
 
 
-async def test_a_node_coalesces_only_for_the_reader_that_is_behind_and_loses_nothing(start_node, connect):
-    """Default PUSH_TCP_NODELAY=auto, seen from outside: ws_coalescing_connections counts the
-    reader that stopped reading, not the one that keeps up, and drops back once it caught up."""
+async def test_by_default_every_connection_coalesces_after_its_welcome(start_node, connect):
+    from conftest import async_wait_until, publish
+
+    node = start_node("coalesce-default")
+    clients = [await connect(node) for _ in range(2)]
+    await async_wait_until(lambda: node.metric("ws_coalescing_connections") == 2, timeout=5)
+    for client in clients:
+        await client.subscribe(["market.trades:COALESCE"])  # the ack is a reply: pushed at once
+    sent = [
+        publish(node.redis_url, "market.trades", {"n": n}, key="COALESCE", priority="p0" if n % 2 else "p2")
+        for n in range(6)
+    ]
+    for client in clients:
+        assert [e["data"]["id"] for e in await client.events(6)] == [e["id"] for e in sent]
+    await clients[0].close()
+    await async_wait_until(lambda: node.metric("ws_coalescing_connections") == 1, timeout=5)
+
+
+async def test_auto_coalesces_only_for_the_reader_that_is_behind_and_loses_nothing(start_node, connect):
+    """PUSH_TCP_NODELAY=auto, seen from outside: ws_coalescing_connections counts the reader
+    that stopped reading, not the one that keeps up, and drops back once it caught up."""
     from conftest import async_wait_until
     from rawws import RawWebSocket
     from test_limits import envelope, publish_burst
 
-    node = start_node("coalesce", PUSH_EVENTS_PER_SECOND="100000", PUSH_EVENTS_BURST="100000")
+    node = start_node("coalesce", PUSH_TCP_NODELAY="auto", PUSH_EVENTS_PER_SECOND="100000", PUSH_EVENTS_BURST="100000")
     behind = RawWebSocket("127.0.0.1", node.port, recv_buffer=65536)
     assert behind.recv_json()["action"] == "welcome"
     behind.send_json({"action": "subscribe", "channels": ["market.trades"], "id": "s"})

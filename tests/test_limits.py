@@ -270,3 +270,18 @@ def test_push_bucket_never_exceeds_its_limit_in_a_second_even_after_a_stall():
                 break
             in_window += 1
         assert in_window <= 100, f"{in_window} in the second from {start:.3f}"
+
+
+def test_once_the_burst_is_spent_a_connection_gets_at_most_the_paced_rate_in_any_second():
+    """The push limit's sliding window sits at the paced rate (97 of 100), so a catch-up after a
+    stall leaves room for a client's timing jitter; small limits keep their full count."""
+    from node.connection import push_bucket
+
+    def most_in_a_second_after_a_stall(per_second: float) -> int:
+        bucket = push_bucket(per_second, per_second, 0.0)
+        sent = [t for t in (i * 0.001 for i in range(10_000)) if bucket.take(t)]
+        sent += [t for t in (sent[-1] + 0.3 + i * 0.001 for i in range(2_000)) if bucket.take(t)]
+        return max(sum(1 for t in sent[i:] if t < start + 1.0) for i, start in enumerate(sent) if start >= 1.0)
+
+    assert most_in_a_second_after_a_stall(100) == 97
+    assert most_in_a_second_after_a_stall(5) == 5
