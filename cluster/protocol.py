@@ -247,11 +247,13 @@ def reconnect(reason: str) -> str:
     return _encode({"action": "reconnect", "reason": reason})
 
 
-def event_frame(channel: str, raw_envelope: bytes, cursor: str, seq: int | None = None) -> bytes:
+def event_frame(channel: str, raw_envelope: bytes, cursor: str, seq: int | None = None, snapshot: bool = False) -> bytes:
     """The ``event`` message, embedding the envelope's bytes as received (no re-encoding).
 
     ``seq`` is a state channel's sequence number (cluster/state.py): one more than the
     previous event of the channel, so a client sees a gap (conflation, lag, bus loss).
+    ``snapshot``: the channel's latest value sent on subscribe (``"snapshot":true``), not a
+    live update: its ``timestamp`` is when it was published, which may be long ago.
     """
     return b"".join(
         (
@@ -261,12 +263,13 @@ def event_frame(channel: str, raw_envelope: bytes, cursor: str, seq: int | None 
             raw_envelope,
             b',"cursor":',
             orjson.dumps(cursor),
-            b"}" if seq is None else b',"seq":%d}' % seq,
+            b"" if seq is None else b',"seq":%d' % seq,
+            b',"snapshot":true}' if snapshot else b"}",
         )
     )
 
 
-def delta_event_frame(channel: str, data: bytes, delta: bool, cursor: str, seq: int) -> bytes:
+def delta_event_frame(channel: str, data: bytes, delta: bool, cursor: str, seq: int, snapshot: bool = False) -> bytes:
     """The ``event`` message of a delta channel (docs/DELTA.md): ``data`` is a JSON string already
     escaped (the envelope's exact text, or the Fossil delta from the envelope of ``seq - 1``)."""
     return b"".join(
@@ -277,7 +280,8 @@ def delta_event_frame(channel: str, data: bytes, delta: bool, cursor: str, seq: 
             data,
             b',"cursor":',
             orjson.dumps(cursor),
-            b',"seq":%d}' % seq,
+            b',"seq":%d' % seq,
+            b',"snapshot":true}' if snapshot else b"}",
         )
     )
 
@@ -376,6 +380,7 @@ class Event(ServerMessage):
     # JSON text (``delta`` False) or a Fossil delta from the previous envelope (``delta`` True)
     delta: bool | None = None
     text: str | None = None
+    snapshot: bool = False  # the channel's latest value sent on subscribe, not a live update
 
     @property
     def event_id(self) -> str | None:
@@ -438,6 +443,7 @@ def parse_server_message(data: str | bytes) -> ServerMessage:
             seq if type(seq) is int else None,
             delta if type(delta) is bool else None,
             envelope if type(envelope) is str else None,
+            get("snapshot") is True,
         )
     if action == "ack":
         recovered = get("recovered")

@@ -1189,13 +1189,6 @@ def render_comparison(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_node_setting(text: str) -> tuple[str, str]:
-    name, equals, value = text.partition("=")
-    if not equals or not name.startswith("PUSH_"):
-        raise argparse.ArgumentTypeError(f"expected PUSH_NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def environment_line(pinned: bool, nchan: str, nice: int = 0) -> str:
     somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
     pin = (
@@ -1285,7 +1278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--node-setting",
-        type=parse_node_setting,
+        type=procs.parse_node_setting,
         action="append",
         default=[],
         metavar="PUSH_NAME=VALUE",

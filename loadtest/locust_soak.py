@@ -18,7 +18,8 @@ Every user but one is a platform user with its own JWT, subscribed to
 random connected users, through the SDK, for ``--soak-seconds``; then the run ends.
 
 Reports delivered/s, latency percentiles (envelope ``timestamp`` → receipt, in
-ms) and errors. PASS iff no server error, no unexpected close, every token
+ms; not for a ticker's latest value sent on subscribe, marked ``"snapshot":true``,
+whose timestamp is when it was published) and errors. PASS iff no server error, no unexpected close, every token
 refresh acknowledged, no user ever sees another user's private event, at least
 ``--soak-min-private`` (0.98) of the private events published to connected users
 arrive, and p99 latency ≤ ``--soak-max-p99-ms`` (1000).
@@ -71,6 +72,7 @@ class Run:
     private_received: dict[str, int] = {}
     latencies_ms: list[float] = []
     delivered = 0
+    snapshots = 0  # latest values sent on subscribe (counted in delivered, not in latency)
     lagged = 0
     refreshes = 0
     reconnects = 0
@@ -164,9 +166,12 @@ class SoakUser(User):
 
     def on_event(self, doc: dict[str, Any]) -> None:
         data = doc["data"]
+        Run.delivered += 1
+        if doc.get("snapshot") is True:
+            Run.snapshots += 1  # a ticker's latest value on subscribe: its age is not a delivery latency
+            return
         latency = max(0.0, time.time() * 1000 - data["timestamp"])
         Run.latencies_ms.append(latency)
-        Run.delivered += 1
         owner = data.get("userId")
         if owner is not None:
             if owner != self.user_id:
@@ -233,7 +238,8 @@ def judge(options: Any, elapsed: float) -> None:
     share = received / sent if sent else 1.0
     p50, p95, p99, worst = percentiles(Run.latencies_ms)
     VERDICT.note(
-        f"{Run.users} users, {elapsed:.0f} s: delivered {Run.delivered} events ({Run.delivered / elapsed:,.0f}/s), "
+        f"{Run.users} users, {elapsed:.0f} s: delivered {Run.delivered} events ({Run.delivered / elapsed:,.0f}/s, "
+        f"{Run.snapshots} of them latest values on subscribe), "
         f"latency ms p50 {p50:.1f} p95 {p95:.1f} p99 {p99:.1f} max {worst:.1f}; private {received}/{sent} "
         f"({share:.2%}); {Run.refreshes} token refreshes, {Run.reconnects} reconnects, {Run.lagged} reported lagged, "
         f"{len(VERDICT.failures)} errors"

@@ -9,6 +9,7 @@ bounded wait). Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import resource
@@ -126,6 +127,14 @@ def start_redis(cpus: set[int] | None = None) -> tuple[Child, str]:
     child = Child(f"redis-{port}", argv, cpus=cpus)
     wait_for(lambda: port_open(port), START_TIMEOUT, "redis-server", child)
     return child, f"redis://127.0.0.1:{port}/0"
+
+
+def parse_node_setting(text: str) -> tuple[str, str]:
+    """``PUSH_NAME=VALUE`` from a ``--node-setting`` flag (an argparse type)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("PUSH_"):
+        raise argparse.ArgumentTypeError(f"expected PUSH_NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def push_env(**settings: str) -> dict[str, str]:

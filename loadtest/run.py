@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"start the node with PUSH_EVENTS_PER_SECOND={HIGH_LIMIT}: the rate-limit suite must FAIL",
     )
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="soak: seconds of load (default 60)")
+    parser.add_argument(
+        "--node-setting",
+        action="append",
+        default=[],
+        type=procs.parse_node_setting,
+        metavar="NAME=VALUE",
+        help="a setting for the nodes and router this starts (repeatable), e.g. PUSH_TCP_NODELAY=true; "
+        "inherited PUSH_* variables never reach them",
+    )
     return parser
 
 
@@ -96,7 +105,7 @@ def start_cluster(args: argparse.Namespace, children: list[procs.Child]) -> tupl
     """Redis + node(s) (+ a router for soak, when this checkout has one); returns (targets, Redis URL)."""
     redis_child, redis_url = procs.start_redis()
     children.append(redis_child)
-    settings: dict[str, str] = {}
+    settings: dict[str, str] = dict(args.node_setting)
     if args.high_limit:
         settings["PUSH_EVENTS_PER_SECOND"] = HIGH_LIMIT
         print(f"loadtest.run: node started with PUSH_EVENTS_PER_SECOND={HIGH_LIMIT}: expect FAIL", flush=True)

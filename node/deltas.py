@@ -36,9 +36,20 @@ class DeltaEvent:
     """One state channel event as delta subscribers get it: the full-string frame and, if it pays,
     the delta frame from ``base_key``'s envelope; both built lazily, once, for every recipient."""
 
-    __slots__ = ("channel", "raw", "cursor", "seq", "key", "base_key", "_base", "_full", "_delta", "_delta_built")
+    __slots__ = (
+        "channel", "raw", "cursor", "seq", "key", "base_key", "_base", "_full", "_delta", "_delta_built", "snapshot"
+    )
 
-    def __init__(self, channel: str, raw: bytes, cursor: str, key: Version, base: tuple[Version, bytes] | None) -> None:
+    def __init__(
+        self,
+        channel: str,
+        raw: bytes,
+        cursor: str,
+        key: Version,
+        base: tuple[Version, bytes] | None,
+        snapshot: bool = False,
+    ) -> None:
+        self.snapshot = snapshot  # a latest value sent on subscribe: its full frame says so
         self.channel = channel
         self.raw = raw
         self.cursor = cursor
@@ -64,7 +75,9 @@ class DeltaEvent:
 
     def _build_full(self) -> bytes:
         escaped = orjson.dumps(self.raw.decode())  # an envelope was parsed by orjson: valid UTF-8
-        self._full = text_frame(protocol.delta_event_frame(self.channel, escaped, False, self.cursor, self.seq))
+        self._full = text_frame(
+            protocol.delta_event_frame(self.channel, escaped, False, self.cursor, self.seq, self.snapshot)
+        )
         return self._full
 
     def _build_delta(self) -> bytes | None:
@@ -85,9 +98,9 @@ class DeltaEvent:
         return frame
 
 
-def full_event(channel: str, raw: bytes, cursor: str, key: Version) -> DeltaEvent:
+def full_event(channel: str, raw: bytes, cursor: str, key: Version, snapshot: bool = False) -> DeltaEvent:
     """A replayed or snapshot event of a delta channel: always full, it resets the chain (DELTA.md)."""
-    return DeltaEvent(channel, raw, cursor, key, None)
+    return DeltaEvent(channel, raw, cursor, key, None, snapshot)
 
 
 class DeltaChannels:

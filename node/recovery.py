@@ -126,7 +126,7 @@ class Recovery:
                     self._offer_history(conn, subscription, channel_name, raw, sent, newest)
             elif snapshots and (snapshot := snapshots.get(subscription.pattern)) is not None:
                 for latest in snapshot.values:
-                    self._offer_history(conn, subscription, latest.channel, latest.envelope, sent, newest)
+                    self._offer_history(conn, subscription, latest.channel, latest.envelope, sent, newest, snapshot=True)
         for subscription in subscriptions:
             held, subscription.held = subscription.held or [], None
             for event_id, frame, rank, expires_at, conflate, timestamp, name, seq, delta in held:
@@ -147,7 +147,9 @@ class Recovery:
         raw: bytes,
         sent: set[str],
         newest: dict[str, int],
+        snapshot: bool = False,
     ) -> None:
+        """Offer one replayed event, or with ``snapshot`` a state channel's latest value (marked so)."""
         try:
             envelope = parse_envelope(raw, self.max_envelope_bytes)
             channel = parse_channel(name)
@@ -166,14 +168,14 @@ class Recovery:
             newest[name] = seq
             self.hub.newer_state(name, seq, envelope.timestamp)  # a live value older than this, arriving late, is dropped
         cursor = make_cursor(self.hub.epoch, name, envelope.id)
-        frame = text_frame(protocol.event_frame(name, raw, cursor, seq))
+        frame = text_frame(protocol.event_frame(name, raw, cursor, seq, snapshot))
         conflate = name if channel.type in CONFLATED_TYPES else None
         delta = None
         patterns = conn.delta_patterns
         if seq is not None and patterns is not None and not patterns.isdisjoint(candidate_patterns(channel)):
             # On a delta channel a replay or snapshot is always a full event: it starts the chain
             # again, and becomes the base of the next live event's delta if it is the newest.
-            delta = full_event(name, raw, cursor, (seq, envelope.id))
+            delta = full_event(name, raw, cursor, (seq, envelope.id), snapshot)
             self.hub.deltas.remember(name, delta.key, raw)
         conn.offer(
             frame, envelope.priority, envelope.expires_at, conflate, subscription.bucket, envelope.timestamp, delta

@@ -141,9 +141,11 @@ async def test_a_snapshot_is_full_and_the_next_live_event_a_delta_on_top_of_it(s
     await client.subscribe(["market.orderbook:DS/1"], snapshot=True, delta="fossil")
     reader = DeltaReader()
     [snapshot] = await raw_events(client, 1)
+    assert orjson.loads(snapshot).get("snapshot") is True, "the latest value on subscribe says what it is"
     assert orjson.loads(reader.apply(snapshot))["seq"] == 3
     publish_book(node, "DS/1", payloads[3])
     [live] = await raw_events(client, 1)
+    assert "snapshot" not in orjson.loads(live)
     assert orjson.loads(reader.apply(live))["payload"] == payloads[3]
     assert reader.kinds == [False, True]
 

@@ -40,6 +40,7 @@ async def test_a_plain_subscribe_after_three_publishes_gets_the_third_at_once(
     first = await client.recv(timeout=2)  # the very next message after the ack
     assert first["action"] == "event" and first["channel"] == "market.ticker:BTC/USDT"
     assert first["data"] == published[2] and first["data"]["id"] == published[2]["id"] and first["seq"] == 3
+    assert first["snapshot"] is True, "marked: the latest value, not a live update"
     await client.no_event(0.5)  # only the latest, not the history
 
 
@@ -60,6 +61,7 @@ async def test_a_subscriber_gets_the_latest_value_at_once_then_live_events_in_se
         events = await client.events(2)
         assert [e["data"]["id"] for e in events] == [e["id"] for e in live]
         assert [e["seq"] for e in events] == [4, 5]
+        assert latest["snapshot"] is True and not any("snapshot" in e for e in events)
 
 
 async def test_a_wildcard_gets_the_latest_value_of_every_key_and_snapshot_false_gets_none(
