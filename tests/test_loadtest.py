@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 from conftest import ROOT
 
 
@@ -94,3 +95,14 @@ def test_bench_slow_reader_workload_reads_below_the_offered_rate_and_catches_up(
     assert 0.99 <= row["delivery_ratio"] <= 1.0
     assert row["close_codes"] == {} and row["lagged"] == 0
     assert 0 < row["cpu_us_per_delivery"] < 1000 and row["rss_kb_per_conn"] is not None
+
+
+def test_run_passes_node_settings_and_refuses_anything_but_push_settings(capsys):
+    """`loadtest.run` starts its nodes without inherited PUSH_* variables: --node-setting is the way in."""
+    from loadtest.run import build_parser
+
+    args = build_parser().parse_args(["ratelimit", "--node-setting", "PUSH_TCP_NODELAY=true", "--node-setting", "PUSH_X=a=b"])
+    assert dict(args.node_setting) == {"PUSH_TCP_NODELAY": "true", "PUSH_X": "a=b"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ratelimit", "--node-setting", "REDIS_URL=redis://x"])
+    assert "expected PUSH_NAME=VALUE" in capsys.readouterr().err
