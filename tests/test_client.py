@@ -218,10 +218,9 @@ def books(count: int, seed: int = 15) -> list[bytes]:
     return [orjson.dumps(b) for b in out]
 
 
-def full_frame(raw: bytes, seq: int) -> bytes:
-    return orjson.dumps(
-        {"action": "event", "channel": BOOK, "delta": False, "data": raw.decode(), "cursor": f"e:{seq}", "seq": seq}
-    )
+def full_frame(raw: bytes, seq: int, snapshot: bool = False) -> bytes:
+    doc = {"action": "event", "channel": BOOK, "delta": False, "data": raw.decode(), "cursor": f"e:{seq}", "seq": seq}
+    return orjson.dumps({**doc, "snapshot": True} if snapshot else doc)
 
 
 def delta_frame(base: bytes, raw: bytes, seq: int, delta: bytes | None = None) -> bytes:
@@ -292,12 +291,13 @@ async def test_a_corrupt_delta_is_not_delivered_and_the_channel_is_resubscribed_
         # the node had sent the next delta before it read the resubscribe: no base, dropped quietly
         await scripted_node.send(delta_frame(raws[2], raws[3], 4))
         await scripted_node.ack(resubscribe)
-        await scripted_node.send(full_frame(raws[3], 4))  # the snapshot after the ack
+        await scripted_node.send(full_frame(raws[3], 4, snapshot=True))  # the snapshot after the ack
         await scripted_node.send(delta_frame(raws[3], raws[4], 5))
         await async_wait_until(lambda: len(received) == 4)
         assert [(e["seq"], e["data"]) for e in received] == [
             (seq, orjson.loads(raws[i])) for seq, i in ((1, 0), (2, 1), (4, 3), (5, 4))
         ]
+        assert [e.get("snapshot", False) for e in received] == [False, False, True, False], "handlers see the mark"
         assert gaps == [(BOOK, 3, 3)]
     finally:
         await client.close()

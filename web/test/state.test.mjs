@@ -351,3 +351,23 @@ test("a new connection starts every delta chain again", async () => {
   assert.deepEqual(gaps, [{ channel: BOOK, expected: 2, got: 2 }]);
   push.close();
 });
+
+test("a latest value sent on subscribe reaches the handler marked snapshot, delta channel or not", () => {
+  const { push, socket } = connected();
+  const seen = [];
+  push.subscribe(["market.ticker:X/Y"], (e) => seen.push([e.seq, e.snapshot === true]));
+  push.subscribe([BOOK], (e) => seen.push([e.seq, e.snapshot === true]), { delta: "fossil" });
+  socket.ackAll({ cursor: "e:0" });
+  socket.receive({ ...stateFrame("market.ticker:X/Y", 3), snapshot: true });
+  socket.receive(stateFrame("market.ticker:X/Y", 4));
+  const [pair] = PAIRS;
+  socket.receive({ ...full(text(pair.source), 7), snapshot: true });
+  socket.receive(delta(text(pair.delta), 8));
+  assert.deepEqual(seen, [
+    [3, true],
+    [4, false],
+    [7, true],
+    [8, false],
+  ]);
+  push.close();
+});
