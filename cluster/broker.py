@@ -30,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.backoff import Backoff, Reconnection, keep_connected
+from cluster.bus_hold import HoldUntilReady
 from cluster.bus_interest import InterestCounts
 from cluster.bus_reader import BusConnection, BusLink, BusRefused, MessageHandler
 from cluster.bus_routing import ADMIN_CHANNEL, EVENTS_PREFIX, LEGACY_CHANNEL, USER_PREFIX, BusName
@@ -210,8 +211,9 @@ class RedisBroker(Broker):
     async def _session(self, handler: MessageHandler, reconnection: Reconnection) -> None:
         """Connect, subscribe everything wanted, wait for Redis to confirm, then watch until lost."""
         conn: BusLink | None = None
+        held = HoldUntilReady(handler, self._handler_failed)  # until on_ready has caught clients up
         try:
-            conn = await self._open(handler)
+            conn = await self._open(held)
             self._to_subscribe.clear()
             self._to_unsubscribe.clear()
             self._pending.clear()
@@ -226,6 +228,7 @@ class RedisBroker(Broker):
             self.epoch = await self.load_epoch()
             if self.on_ready is not None:
                 await self.on_ready()
+            await held.release()
             self.ready.set()
             BUS_CONNECTED.set(1)
             if reconnection.connected():

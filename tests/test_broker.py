@@ -150,3 +150,58 @@ async def test_a_bus_that_is_only_behind_is_not_taken_for_dead() -> None:
     conn.data_received(b"*3\r\n$7\r\nmessage\r\n$1\r\nx\r\n$1\r\ny\r\n")  # but messages keep arriving
     assert not conn.stalled(time.monotonic() - 5)
     assert conn.stalled(time.monotonic() + 1)  # nothing read since: dead
+
+
+async def test_messages_wait_until_the_node_is_ready_then_arrive_in_order(private_redis):
+    """While on_ready runs (a node catching its clients up from history), live messages are
+    held, then handed over in arrival order: none overtakes what the catch-up delivers."""
+    broker = RedisBroker(private_redis.url, linger_seconds=0.0, name="test node")
+    broker.want(["events:order.*"])
+    received: list[bytes] = []
+    catching_up, caught_up = asyncio.Event(), asyncio.Event()
+
+    async def on_ready() -> None:
+        catching_up.set()
+        await caught_up.wait()
+        received.append(b"replayed")  # what a catch-up hands over
+
+    broker.on_ready = on_ready
+    task = asyncio.create_task(broker.run(lambda channel, data: received.append(data)))
+    try:
+        await asyncio.wait_for(catching_up.wait(), 10)
+        client = private_redis.client()
+        try:
+            for n in range(3):
+                assert client.publish("events:order.filled", f"live {n}".encode()) == 1
+        finally:
+            client.close()
+        await asyncio.sleep(0.3)
+        assert received == [], "nothing is delivered while the node is not ready"
+        caught_up.set()
+        await asyncio.wait_for(broker.ready.wait(), 5)
+        assert received == [b"replayed", b"live 0", b"live 1", b"live 2"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await broker.close()
+
+
+async def test_held_messages_are_bounded_and_a_bad_one_does_not_stop_the_rest():
+    from cluster.bus_hold import HoldUntilReady
+
+    out: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def handler(channel: bytes, data: bytes) -> None:
+        if data == b"bad":
+            raise ValueError("bad")
+        out.append(data)
+
+    held = HoldUntilReady(handler, errors.append, limit=3)
+    for data in (b"1", b"bad", b"3", b"4"):  # the 4th is past the limit: it goes straight through
+        held(b"events:x", data)
+    assert out == [b"4"] and held.holding == 3
+    await held.release()
+    assert out == [b"4", b"1", b"3"] and len(errors) == 1 and held.holding == 0
+    held(b"events:x", b"5")
+    assert out[-1] == b"5", "after release messages pass at once"
