@@ -20,14 +20,13 @@ connection per interval (about 3 µs), spread over the interval in slices.
 
 from __future__ import annotations
 
-import asyncio
-import math
 import socket
 import struct
 from typing import Any
 
 from node.connection import ClientConnection
 from node.hub import Hub
+from node.rounds import visit_every_connection
 
 # struct tcp_info (linux/tcp.h): byte offsets of the fields read here
 _BYTES_ACKED = 120  # u64 tcpi_bytes_acked (4.1+)
@@ -39,7 +38,6 @@ BEHIND_BYTES = 8192  # unsent bytes in our socket that mark a reader as behind (
 UNREAD_BYTES = 8192  # ... or this much (at least a quarter of its widest window) waits unread at the client
 CAUGHT_UP_UNREAD_BYTES = 2048  # caught up: at most this much unread, nothing unsent
 CAUGHT_UP_ROUNDS = 3  # rounds caught up in a row before frames go out one segment each again
-SLICES = 10  # 1/SLICES of the connections is looked at every interval/SLICES seconds
 
 
 def socket_backlog(transport: Any) -> tuple[int, int | None] | None:
@@ -89,12 +87,5 @@ def watch(conn: ClientConnection) -> None:
 
 
 async def run_backlog_watch(hub: Hub, interval: float = 1.0) -> None:
-    """Visit every connection once per ``interval`` (in slices), switching Nagle by its backlog."""
-    pause = interval / SLICES
-    while True:
-        connections = list(hub.connections.values())
-        share = max(math.ceil(len(connections) / SLICES), 1)
-        for start in range(0, SLICES * share, share):
-            await asyncio.sleep(pause)
-            for conn in connections[start : start + share]:
-                watch(conn)
+    """Look at every connection once per ``interval`` (in slices), switching Nagle by its backlog."""
+    await visit_every_connection(hub, interval, watch)

@@ -371,38 +371,36 @@ class ClientConnection:
         writer's paced batches (events that waited for the push limit or a backed-up
         socket) are pushed at once (:meth:`push_now`).
         """
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-            except OSError:
-                return
-            if not self.nagle:
-                COALESCING_CONNECTIONS.inc()
-            self.nagle = True
+        if self._set_nodelay(0):
+            self._count_nagle(True)
             self.caught_up_rounds = 0
 
     def send_at_once(self) -> None:
         """Back to one segment per frame (TCP_NODELAY, which also sends what the kernel holds)."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                return  # the socket is closing
-        if self.nagle:
-            COALESCING_CONNECTIONS.dec()
-        self.nagle = False
+        self._set_nodelay(1)
+        self._count_nagle(False)
 
     def push_now(self) -> None:
         """Send what the kernel holds for this socket now (setting TCP_NODELAY flushes it)."""
+        self._set_nodelay(1, 0)
+
+    def _set_nodelay(self, *values: int) -> bool:
+        """Set TCP_NODELAY to each of ``values`` in turn; False if there is no socket or it is closing."""
         sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-            except OSError:
-                pass  # the socket is closing
+        if sock is None:
+            return False
+        try:
+            for value in values:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, value)
+        except OSError:
+            return False
+        return True
+
+    def _count_nagle(self, nagle: bool) -> None:
+        """Note whether the kernel coalesces this connection's frames (``ws_coalescing_connections``)."""
+        if nagle != self.nagle:
+            COALESCING_CONNECTIONS.inc(1 if nagle else -1)
+            self.nagle = nagle
 
     def close_slow_consumer(self, reason: str) -> None:
         self.close_soon(protocol.CloseCode.SLOW_CONSUMER, f"slow consumer: {reason}", drop_reason="slow_consumer")
@@ -443,9 +441,7 @@ class ClientConnection:
         self.closing = True
         self.direct = False
         self.queue = None
-        if self.nagle:
-            self.nagle = False
-            COALESCING_CONNECTIONS.dec()
+        self._count_nagle(False)
         if self._lagged_timer is not None:
             self._lagged_timer.cancel()
         if self._drainer is not None:

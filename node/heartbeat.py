@@ -11,21 +11,11 @@ all at once.
 
 from __future__ import annotations
 
-import asyncio
-import math
-
+from node.connection import ClientConnection
 from node.hub import Hub
-
-SLICES = 10  # a node pings 1/SLICES of its connections every interval/SLICES seconds
+from node.rounds import visit_every_connection
 
 
 async def run_heartbeat(hub: Hub, interval: float) -> None:
     """Visit every connection once per ``interval``: ping the quiet ones, abort those quiet since their ping."""
-    pause = interval / SLICES
-    while True:
-        connections = list(hub.connections.values())
-        share = math.ceil(len(connections) / SLICES) if connections else 0
-        for start in range(0, SLICES * max(share, 1), max(share, 1)):
-            await asyncio.sleep(pause)
-            for conn in connections[start : start + share]:
-                conn.heartbeat()
+    await visit_every_connection(hub, interval, ClientConnection.heartbeat)
